@@ -1,0 +1,135 @@
+"""Config schema: inheritance, overrides, type and unknown-key errors with their messages."""
+import pytest
+
+from util.config import FIELDS, SCHEMA, load_config, split_overrides
+from util.errors import ConfigError
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def base_cfg(tmp_path):
+    write(tmp_path / "_base_" / "common.yaml",
+          "TRAIN:\n  base_lr: 0.01\n  epochs: 100\n  train_h: 473\n  train_w: 473\n"
+          "TEST:\n  scales: [1.0]\n")
+    return write(tmp_path / "ds" / "ds_pspnet50.yaml",
+                 "_base_: ../_base_/common.yaml\nDATA:\n  data_root: dataset/ds\n  classes: 21\n"
+                 "TRAIN:\n  epochs: 50\n  layers: 50\n")
+
+
+def test_inheritance_merges_and_overrides(base_cfg):
+    cfg = load_config(base_cfg)
+    assert cfg.epochs == 50          # child wins
+    assert cfg.base_lr == 0.01       # from base
+    assert cfg.classes == 21
+    assert cfg.power == 0.9          # schema default
+    assert "ds_pspnet50.yaml line 6" in cfg.source("epochs")
+
+
+def test_overrides_pairs_and_equals(base_cfg):
+    cfg = load_config(base_cfg, ["TRAIN.base_lr", "0.02", "TEST.scales=[0.5, 1.0]", "manual_seed", "7",
+                                 "TRAIN.sync_bn", "False", "TEST.save_folder", "exp/x"])
+    assert cfg.base_lr == 0.02 and cfg.scales == [0.5, 1.0] and cfg.manual_seed == 7
+    assert cfg.sync_bn is False and cfg.save_folder == "exp/x"
+    assert cfg.source("base_lr") == "override"
+    assert isinstance(cfg.scales[0], float)
+
+
+def test_unknown_override_suggests_nearest(base_cfg):
+    with pytest.raises(ConfigError, match=r"base_lrr.*did you mean base_lr"):
+        load_config(base_cfg, ["TRAIN.base_lrr", "0.1"])
+
+
+def test_unknown_key_in_file_names_file_and_line(tmp_path):
+    p = write(tmp_path / "bad.yaml", "DATA:\n  data_root: x\n  classes: 3\nTRAIN:\n  momentun: 0.9\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "bad.yaml line 5" in msg and "TRAIN.momentun" in msg and "momentum" in msg
+
+
+def test_unknown_section(tmp_path):
+    p = write(tmp_path / "bad.yaml", "DATA:\n  data_root: x\n  classes: 3\nTRIAN:\n  epochs: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown section 'TRIAN'.*did you mean TRAIN"):
+        load_config(p)
+
+
+def test_key_in_wrong_section(tmp_path):
+    p = write(tmp_path / "bad.yaml", "DATA:\n  data_root: x\n  classes: 3\n  test_h: 473\n")
+    with pytest.raises(ConfigError, match=r"line 4: key test_h belongs in section TEST"):
+        load_config(p)
+
+
+def test_wrong_type_names_key_type_and_value(base_cfg):
+    with pytest.raises(ConfigError, match=r"TRAIN.epochs expects an integer, got 'ten'"):
+        load_config(base_cfg, ["TRAIN.epochs", "ten"])
+    with pytest.raises(ConfigError, match=r"TRAIN.amp expects a string in off, fp16, bf16, got 'fp8'"):
+        load_config(base_cfg, ["TRAIN.amp", "fp8"])
+
+
+def test_bad_literal_in_override(base_cfg):
+    with pytest.raises(ConfigError, match=r"override TEST.scales: cannot parse '\[0.5,' as a YAML literal"):
+        load_config(base_cfg, ["TEST.scales", "[0.5,"])
+
+
+def test_override_without_value(base_cfg):
+    with pytest.raises(ConfigError, match=r"override 'TRAIN.epochs' has no value"):
+        load_config(base_cfg, ["TRAIN.epochs"])
+    assert split_overrides(["a=1", "b", "2"]) == [("a", "1"), ("b", "2")]
+
+
+@pytest.mark.parametrize("override, message", [
+    (["TRAIN.train_h", "470"], r"TRAIN.train_h is 470 \(override\); crop sides must be 8k\+1"),
+    (["TEST.scales", "[]"], r"TEST.scales is \[\].*non-empty list of positive scales"),
+    (["TEST.scales", "[1.0, -0.5]"], r"TEST.scales.*positive"),
+    (["DATA.classes", "1"], r"DATA.classes is 1 \(override\); need at least 2 classes"),
+    (["TRAIN.ignore_label", "3"], r"TRAIN.ignore_label is 3.*must not be a class id 0..20"),
+])
+def test_cross_key_rules(base_cfg, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(base_cfg, override)
+
+
+def test_missing_required_key(tmp_path):
+    p = write(tmp_path / "c.yaml", "DATA:\n  data_root: x\n")
+    with pytest.raises(ConfigError, match=r"DATA.classes must be set"):
+        load_config(p)
+
+
+def test_inheritance_loop_and_missing_base(tmp_path):
+    write(tmp_path / "a.yaml", "_base_: b.yaml\n")
+    write(tmp_path / "b.yaml", "_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="inheritance loops"):
+        load_config(tmp_path / "a.yaml")
+    write(tmp_path / "c.yaml", "_base_: nothere.yaml\n")
+    with pytest.raises(ConfigError, match=r"nothere.yaml does not exist"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_semseg_legacy_keys_are_accepted(tmp_path):
+    p = write(tmp_path / "s.yaml", "DATA:\n  data_root: x\n  classes: 3\nDistributed:\n  use_apex: True\n"
+                                   "  opt_level: 'O0'\nTRAIN:\n  compact: 0\n")
+    cfg = load_config(p)
+    assert cfg.compact is False
+
+
+def test_saved_yaml_round_trips(base_cfg, tmp_path):
+    cfg = load_config(base_cfg, ["TRAIN.base_lr", "0.05"])
+    cfg.save(tmp_path / "out" / "config.yaml")
+    again = load_config(tmp_path / "out" / "config.yaml")
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_schema_has_docs_and_unique_names():
+    assert len(FIELDS) == len(SCHEMA)
+    assert all(f.doc for f in SCHEMA)
+
+
+def test_attribute_typo_in_code_is_an_error(base_cfg):
+    cfg = load_config(base_cfg)
+    with pytest.raises(AttributeError, match="did you mean base_lr"):
+        cfg.base_lrr
