@@ -1,9 +1,50 @@
-"""Test set-up: repository root importable, modest threads, CPU only."""
+"""Test set-up: repository root importable, modest threads, a tiny toy dataset and config writer."""
+import os
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 torch.set_num_threads(2)
+
+from util.toy_data import generate_toy_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_toy(tmp_path_factory) -> Path:
+    """A toy dataset small enough for end-to-end runs: 16 train and 8 val images of 48-64 px."""
+    root = tmp_path_factory.mktemp("toy")
+    generate_toy_dataset(root, seed=0, n_train=16, n_val=8, size_range=(48, 64))
+    return root
+
+
+def write_config(path: Path, data_root: Path, **sections) -> Path:
+    """A layers-18 PSPNet config on `data_root`; keyword sections override (DATA={...}, TRAIN={...})."""
+    import yaml
+    cfg = {
+        "DATA": {"data_root": str(data_root), "train_list": str(data_root / "train.txt"),
+                 "val_list": str(data_root / "val.txt"), "classes": 6},
+        "TRAIN": {"arch": "psp", "layers": 18, "train_h": 33, "train_w": 33, "batch_size": 4,
+                  "batch_size_val": 4, "base_lr": 0.01, "epochs": 2, "manual_seed": 7, "print_freq": 1,
+                  "workers": 0, "dropout": 0.0, "save_path": str(path.parent / "model")},
+        "TEST": {"test_list": str(data_root / "val.txt"), "base_size": 64, "test_h": 33, "test_w": 33,
+                 "save_folder": str(path.parent / "result"),
+                 "names_path": str(data_root / "toy_names.txt"), "colors_path": str(data_root / "toy_colors.txt")},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_tool(script: str, *args: str, launcher: list[str] | None = None, timeout: float = 300,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run tool/<script> from the repository root as a user would, capturing its output."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = (launcher or [sys.executable]) + [str(REPO_ROOT / "tool" / script), *args]
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)

@@ -75,14 +75,16 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """Throughput and ETA for a loop of known length; `line(done)` formats `done/total, ETA`."""
+    """Throughput and ETA for a loop of known length that may start part-way (a resumed run)."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, start: int = 0):
         self.total = total
-        self.start = time.perf_counter()
+        self.start = start
+        self.t0 = time.perf_counter()
 
     def line(self, done: int) -> str:
-        elapsed = time.perf_counter() - self.start
-        rate = done / elapsed if elapsed > 0 else 0.0
+        """`done/total elapsed ETA`, the rate measured on the items done since this object was made."""
+        elapsed = time.perf_counter() - self.t0
+        rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - done) / rate if rate > 0 else 0.0
         return f"{done}/{self.total} elapsed {format_duration(elapsed)} ETA {format_duration(eta)}"

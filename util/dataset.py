@@ -35,7 +35,7 @@ class ListEntry(NamedTuple):
 def _escapes_root(relative: str) -> bool:
     if os.path.isabs(relative) or relative.startswith(("/", "\\")):
         return True
-    return os.path.normpath(relative).split(os.sep)[0] == ".."
+    return ".." in relative and os.path.normpath(relative).split(os.sep)[0] == ".."
 
 
 def read_list_file(list_path: str, data_root: str, split: str,
@@ -45,8 +45,12 @@ def read_list_file(list_path: str, data_root: str, split: str,
     expected = 1 if split == "test" else 2
     if not Path(list_path).is_file():
         raise DataError(f"list file {list_path}: not found")
-    raw_lines = Path(list_path).read_bytes().split(b"\n")
+    try:
+        raw_lines = Path(list_path).read_bytes().split(b"\n")
+    except OSError as exc:
+        raise DataError(f"list file {list_path}: cannot be read ({exc.strerror})") from exc
     list_name = str(list_path)
+    root_prefix = os.path.join(data_root, "")  # as os.path.join(data_root, x), but cheaper
     entries = []
     for number, raw in enumerate(raw_lines, start=1):
         try:
@@ -71,7 +75,7 @@ def read_list_file(list_path: str, data_root: str, split: str,
                         f"list file {list_path} line {number}: path {column!r} is absolute or "
                         f"leaves data_root {data_root!r}; list paths must be relative to "
                         "data_root (set DATA.allow_unsafe_paths True to allow it)")
-        paths = [os.path.join(data_root, column) for column in columns]
+        paths = [column if os.path.isabs(column) else root_prefix + column for column in columns]
         entries.append(ListEntry(paths[0], paths[1] if expected == 2 else None, number,
                                  list_name))
     if not entries:

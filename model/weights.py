@@ -1,0 +1,214 @@
+"""Loud weight loading: every file problem or model mismatch becomes one readable message.
+
+Accepted files:
+- plain ImageNet state dicts for the deep-stem ResNet (semseg's, fc.* included) or torchvision's
+  7x7-stem ResNet; their stem keys (conv1/bn1[/conv2/bn2/conv3/bn3]) are renamed to layer0.* when
+  the target is a segmentation model;
+- full checkpoints {'state_dict': ..., 'epoch': ..., 'optimizer': ...}, with or without the
+  'module.' prefix that DataParallel/DDP add.
+
+Files are read with torch.load(weights_only=True): a pickle holding arbitrary Python objects is
+refused unless the caller opts in with trust_pickle=True.
+"""
+import logging
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Union
+
+import torch
+from torch import nn
+
+from model.resnet import BACKBONE_MODULES
+from util.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+StateDict = Dict[str, torch.Tensor]
+
+# Stem parameter names in a classification ResNet -> their index inside a segmentation net's layer0.
+DEEP_STEM_NAMES = {"conv1": "layer0.0", "bn1": "layer0.1", "conv2": "layer0.3",
+                   "bn2": "layer0.4", "conv3": "layer0.6", "bn3": "layer0.7"}
+WIDE_STEM_NAMES = {"conv1": "layer0.0", "bn1": "layer0.1"}
+CLASSIFIER_KEY = "cls.4.weight"
+LISTED_NAMES = 6
+
+
+@dataclass
+class LoadReport:
+    """What a load did: keys loaded, model keys left untouched, file keys not used, shape clashes."""
+
+    loaded: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    mismatched: List[str] = field(default_factory=list)
+
+    def clean(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def describe(self) -> str:
+        parts = [f"loaded {len(self.loaded)} tensors"]
+        for title, names in (("missing from the file", self.missing), ("not in the model", self.unexpected),
+                             ("shape mismatch", self.mismatched)):
+            if names:
+                shown = ", ".join(names[:LISTED_NAMES])
+                more = f" ... and {len(names) - LISTED_NAMES} more" if len(names) > LISTED_NAMES else ""
+                parts.append(f"{title} ({len(names)}): {shown}{more}")
+        return "; ".join(parts)
+
+
+def load_checkpoint(path: PathLike, config_key: str, trust_pickle: bool = False) -> Any:
+    """torch.load on CPU with weights_only unless trust_pickle; file problems -> CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{config_key}: weight file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        if found is None:
+            raise CheckpointError(f"{config_key}: {path} is not a readable PyTorch weight file "
+                                  f"({_first_line(error)})") from None
+        raise CheckpointError(
+            f"{config_key}: {path} contains arbitrary Python objects (e.g. {found.group(1)}), not just tensors; "
+            f"loading was refused because unpickling them can run code. If the file is a legacy checkpoint "
+            f"from a source you trust, load it with the explicit opt-in trust_pickle=True") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        raise CheckpointError(f"{config_key}: {path} is not a readable PyTorch weight file "
+                              f"({_first_line(error)})") from None
+
+
+def load_state_dict_file(path: PathLike, config_key: str, trust_pickle: bool = False) -> StateDict:
+    """The state dict inside a weight file, 'module.' prefixes removed."""
+    return extract_state_dict(load_checkpoint(path, config_key, trust_pickle), path, config_key)
+
+
+def extract_state_dict(checkpoint: Any, path: PathLike, config_key: str) -> StateDict:
+    """Unwrap {'state_dict': ...} and strip DataParallel's 'module.' prefix."""
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        found = sorted(checkpoint)[:LISTED_NAMES] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise CheckpointError(f"{config_key}: {path} holds no state dict (expected a dict of tensors or "
+                              f"{{'state_dict': ...}}; found {found})")
+    return {key[len("module."):] if key.startswith("module.") else key: value for key, value in state.items()}
+
+
+def load_backbone_weights(model: nn.Module, path: PathLike, config_key: str,
+                          trust_pickle: bool = False) -> LoadReport:
+    """Initialise the backbone (layer0..layer4, or a classification ResNet minus fc) from a file.
+
+    Head and fc weights in the file are ignored. Missing or extra backbone tensors are logged as one
+    warning; a shape clash (another depth) or a load that leaves most backbone weights (counted in
+    elements) untouched is a CheckpointError.
+    """
+    model_state = model.state_dict()
+    state = _to_model_names(load_state_dict_file(path, config_key, trust_pickle), model_state, path, config_key)
+    targets = {key: value for key, value in model_state.items() if _is_backbone_key(key, model_state)}
+    relevant = {key: value for key, value in state.items()
+                if key in targets or (key not in model_state and not key.startswith("fc."))}
+    report = _compare(relevant, targets)
+    if report.mismatched:
+        raise CheckpointError(f"{config_key}: {path} does not fit the backbone, check TRAIN.layers against the "
+                              f"file: {report.describe()}")
+    _require_most_of_backbone(report, targets, path, config_key)
+    return _apply(model, relevant, report, path, config_key)
+
+
+def load_model_weights(model: nn.Module, path: PathLike, config_key: str, strict: bool = True,
+                       trust_pickle: bool = False) -> LoadReport:
+    """Load a full segmentation checkpoint.
+
+    A different class count or any shape clash is a CheckpointError; missing/unexpected keys are one
+    when strict, else a warning (still an error when most of the backbone would stay random).
+    """
+    model_state = model.state_dict()
+    state = _to_model_names(load_state_dict_file(path, config_key, trust_pickle), model_state, path, config_key)
+    _check_class_count(state, model_state, path)
+    report = _compare(state, model_state)
+    if report.mismatched or (strict and not report.clean()):
+        raise CheckpointError(f"{config_key}: {path} does not fit the model: {report.describe()}")
+    backbone = {key: value for key, value in model_state.items() if _is_backbone_key(key, model_state)}
+    _require_most_of_backbone(report, backbone, path, config_key)
+    return _apply(model, state, report, path, config_key)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _is_segmentation_state(model_state: StateDict) -> bool:
+    return "layer0.0.weight" in model_state
+
+
+def _is_backbone_key(key: str, model_state: StateDict) -> bool:
+    if _is_segmentation_state(model_state):
+        return key.split(".", 1)[0] in BACKBONE_MODULES
+    return not key.startswith("fc.")
+
+
+def _to_model_names(state: StateDict, model_state: StateDict, path: PathLike, config_key: str) -> StateDict:
+    """Rename a classification ResNet's stem keys to layer0.* for a segmentation model."""
+    if "conv1.weight" not in state or not _is_segmentation_state(model_state):
+        return state
+    file_deep = "conv2.weight" in state
+    model_deep = "layer0.3.weight" in model_state
+    if file_deep != model_deep:
+        stems = {True: "a deep 3x3 stem", False: "a 7x7 stem"}
+        raise CheckpointError(f"{config_key}: {path} has {stems[file_deep]} but the model has {stems[model_deep]}; "
+                              f"set TRAIN.deep_stem to {file_deep} or use matching weights")
+    names = DEEP_STEM_NAMES if file_deep else WIDE_STEM_NAMES
+    renamed = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        renamed[f"{names[head]}.{rest}" if head in names else key] = value
+    return renamed
+
+
+def _compare(state: StateDict, targets: StateDict) -> LoadReport:
+    report = LoadReport()
+    for key, value in targets.items():
+        if key not in state:
+            # Older files lack BN's num_batches_tracked; it only counts momentum-free updates.
+            if not key.endswith("num_batches_tracked"):
+                report.missing.append(key)
+        elif tuple(state[key].shape) != tuple(value.shape):
+            report.mismatched.append(f"{key} (file {_shape(state[key])}, model {_shape(value)})")
+        else:
+            report.loaded.append(key)
+    report.unexpected = [key for key in state if key not in targets]
+    return report
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return "x".join(str(d) for d in tensor.shape) or "scalar"
+
+
+def _check_class_count(state: StateDict, model_state: StateDict, path: PathLike) -> None:
+    if CLASSIFIER_KEY not in state or CLASSIFIER_KEY not in model_state:
+        return
+    file_classes, model_classes = state[CLASSIFIER_KEY].shape[0], model_state[CLASSIFIER_KEY].shape[0]
+    if file_classes != model_classes:
+        raise CheckpointError(f"checkpoint {path} has {file_classes} classes ({CLASSIFIER_KEY} "
+                              f"{_shape(state[CLASSIFIER_KEY])}) but DATA.classes is {model_classes}")
+
+
+def _require_most_of_backbone(report: LoadReport, backbone: StateDict, path: PathLike, config_key: str) -> None:
+    """Counted in parameter elements, so matching BN vectors cannot hide mismatched conv kernels."""
+    total = sum(value.numel() for value in backbone.values())
+    loaded = sum(backbone[key].numel() for key in report.loaded if key in backbone)
+    if loaded * 2 < total:
+        raise CheckpointError(f"{config_key}: {path} would leave most of the backbone uninitialised "
+                              f"({100 * loaded // max(total, 1)}% of its weights match): {report.describe()}")
+
+
+def _apply(model: nn.Module, state: StateDict, report: LoadReport, path: PathLike, config_key: str) -> LoadReport:
+    model.load_state_dict({key: state[key] for key in report.loaded}, strict=False)
+    if report.clean():
+        logger.info("%s: loaded %d tensors from %s", config_key, len(report.loaded), path)
+    else:
+        logger.warning("%s: %s: %s", config_key, path, report.describe())
+    return report

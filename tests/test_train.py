@@ -1,0 +1,125 @@
+"""End-to-end training on the tiny toy data: outputs, process-count independence, resume, schedule."""
+import re
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, run_tool, write_config
+from model import build_model
+from util.config import load_config
+from util.optim import build_optimizer, poly_lr, set_poly_lr
+
+
+def final_weights(model_dir, epoch):
+    ckpt = torch.load(model_dir / f"train_epoch_{epoch}.pth", map_location="cpu", weights_only=True)
+    return ckpt["state_dict"]
+
+
+def assert_same_weights(a, b, atol=1e-5):
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=f"{k} differs")
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_short_run_writes_checkpoint_events_log_and_config(tiny_toy, tmp_path):
+    cfg = write_config(tmp_path / "run" / "cfg.yaml", tiny_toy, TRAIN={"evaluate": True, "epochs": 1})
+    out = run_tool("train.py", f"--config={cfg}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    model_dir = tmp_path / "run" / "model"
+    assert (model_dir / "train_epoch_1.pth").is_file() and (model_dir / "best.pth").is_file()
+    assert list(model_dir.glob("events.out.tfevents*")), "no TensorBoard event file"
+    logs = list(model_dir.glob("train-*.log"))
+    assert logs and "validation mIoU" in logs[0].read_text()
+    assert load_config(model_dir / "config.yaml").epochs == 1
+    ckpt = torch.load(model_dir / "train_epoch_1.pth", map_location="cpu", weights_only=True)
+    assert {"epoch", "state_dict", "optimizer", "scaler", "best_miou", "rng"} <= ckpt.keys()
+    assert all(k.startswith("module.") for k in ckpt["state_dict"])  # semseg's layout
+    assert "global batch 4 = 1 process(es) x 1 accumulation step(s) x 4" in out.stdout
+
+
+def test_lr_follows_poly_at_every_step_in_a_run(tiny_toy, tmp_path):
+    cfg = write_config(tmp_path / "run" / "cfg.yaml", tiny_toy, TRAIN={"epochs": 2, "base_lr": 0.02})
+    out = run_tool("train.py", f"--config={cfg}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    logged = [float(x) for x in re.findall(r" lr ([0-9.]+) ", out.stdout)]
+    max_iter = 2 * 4  # 16 samples / batch 4, two epochs
+    assert len(logged) == max_iter
+    for step, lr in enumerate(logged, start=1):
+        assert lr == pytest.approx(poly_lr(0.02, step, max_iter, 0.9), abs=1e-6)
+
+
+def test_poly_schedule_sets_both_groups():
+    cfg = load_config(write_config(REPO_ROOT / "exp" / "_t" / "c.yaml", REPO_ROOT / "dataset" / "toy"))
+    model = build_model(cfg)
+    opt = build_optimizer(model, 0.01, 0.9, 1e-4)
+    names = {g["name"] for g in opt.param_groups}
+    assert names == {"backbone", "head"}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    for it in range(1, 11):
+        set_poly_lr(opt, 0.01, it, 10, 0.9)
+        expected = 0.01 * (1 - it / 10) ** 0.9
+        lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+        assert lrs["backbone"] == pytest.approx(expected) and lrs["head"] == pytest.approx(10 * expected)
+    backbone_ids = {id(p) for p in model.layer0.parameters()} | {id(p) for p in model.layer4.parameters()}
+    group = {g["name"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+    assert backbone_ids <= group["backbone"] and not (backbone_ids & group["head"])
+
+
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_with_the_same_global_batch(tiny_toy, tmp_path):
+    """Same global batch, SyncBatchNorm on: the weights agree to float tolerance.
+
+    A small learning rate keeps this tiny net from amplifying round-off (changing only the
+    thread count already moves weights by ~1e-5 here); without SyncBatchNorm they differ far more.
+    """
+    (tmp_path / "train8.txt").write_text("".join((tiny_toy / "train.txt").read_text().splitlines(True)[:8]))
+    train = {"base_lr": 0.0005, "train_h": 49, "train_w": 49, "print_freq": 2}
+    data = {"train_list": str(tmp_path / "train8.txt")}
+    runs = {"one": ([], None), "two": ([], TORCHRUN_2), "two_nosync": (["TRAIN.sync_bn", "False"], TORCHRUN_2)}
+    weights = {}
+    for name, (extra, launcher) in runs.items():
+        cfg = write_config(tmp_path / name / "cfg.yaml", tiny_toy, DATA=data, TRAIN=train)
+        out = run_tool("train.py", f"--config={cfg}", *extra, launcher=launcher)
+        assert out.returncode == 0, out.stderr[-3000:]
+        weights[name] = final_weights(tmp_path / name / "model", 2)
+    assert "2 process(es) x 1 accumulation step(s) x 2" in out.stdout
+    assert_same_weights(weights["one"], weights["two"], atol=3e-4)
+    with pytest.raises(AssertionError):
+        assert_same_weights(weights["one"], weights["two_nosync"], atol=3e-4)
+
+
+def test_accumulation_reaches_the_configured_global_batch(tiny_toy, tmp_path):
+    """2 micro-batches of 2 per step: same number of optimizer steps and schedule as batch 4."""
+    cfg = write_config(tmp_path / "b" / "cfg.yaml", tiny_toy, TRAIN={"epochs": 1, "accum_steps": 2})
+    out = run_tool("train.py", f"--config={cfg}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "global batch 4 = 1 process(es) x 2 accumulation step(s) x 2; 4 steps/epoch" in out.stdout
+    assert len(re.findall(r" lr ([0-9.]+) ", out.stdout)) == 4
+
+
+def test_resume_gives_the_uninterrupted_weights(tiny_toy, tmp_path):
+    cfg = write_config(tmp_path / "run" / "cfg.yaml", tiny_toy, TRAIN={"dropout": 0.1, "print_freq": 4})
+    out = run_tool("train.py", f"--config={cfg}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    model_dir = tmp_path / "run" / "model"
+    straight = final_weights(model_dir, 2)
+    (model_dir / "train_epoch_2.pth").unlink()  # as if the run had stopped after epoch 1
+    out = run_tool("train.py", f"--config={cfg}", "TRAIN.resume", "auto")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from" in out.stdout and "train_epoch_1.pth" in out.stdout
+    assert_same_weights(straight, final_weights(model_dir, 2), atol=0)
+
+
+def test_config_typo_is_one_line(tiny_toy, tmp_path):
+    cfg = write_config(tmp_path / "run" / "cfg.yaml", tiny_toy)
+    out = run_tool("train.py", f"--config={cfg}", "TRAIN.base_lrr", "0.1")
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "base_lrr" in lines[0] and "did you mean base_lr" in lines[0]

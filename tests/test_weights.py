@@ -1,0 +1,205 @@
+"""Weight files: every accepted format round-trips; every mistake is one CheckpointError that says why."""
+import argparse
+import logging
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from model import build_model
+from model.pspnet import PSPNet
+from model.resnet import resnet18, resnet50
+from model.weights import load_backbone_weights, load_model_weights, load_state_dict_file
+from util.errors import CheckpointError
+
+DEEP_STEM_PAIRS = [("conv1", "layer0.0"), ("bn1", "layer0.1"), ("conv2", "layer0.3"),
+                   ("bn2", "layer0.4"), ("conv3", "layer0.6"), ("bn3", "layer0.7")]
+
+
+class WritesMarker:
+    """Unpickling this runs a command; a weights-only load must never do that."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _randomised(state):
+    g = torch.Generator().manual_seed(7)
+    return {k: torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _assert_same(actual, expected):
+    assert actual.shape == expected.shape and torch.equal(actual, expected)
+
+
+def test_deep_stem_imagenet_state_dict_initialises_the_backbone(tmp_path):
+    imagenet = _randomised(resnet18().state_dict())
+    path = tmp_path / "resnet18_v2.pth"
+    torch.save(imagenet, path)
+    model = PSPNet(layers=18, classes=3)
+    head_before = model.cls[4].weight.clone()
+
+    report = load_backbone_weights(model, path, "TRAIN.pretrained_backbone")
+
+    state = model.state_dict()
+    for old, new in DEEP_STEM_PAIRS:
+        _assert_same(state[f"{new}.weight"], imagenet[f"{old}.weight"])
+    _assert_same(state["layer0.7.running_var"], imagenet["bn3.running_var"])
+    _assert_same(state["layer4.1.conv2.weight"], imagenet["layer4.1.conv2.weight"])
+    _assert_same(model.cls[4].weight, head_before)
+    assert report.clean() and not any(k.startswith("fc.") for k in report.loaded)
+
+
+def test_torchvision_seven_by_seven_state_dict(tmp_path):
+    imagenet = _randomised(resnet18(deep_stem=False).state_dict())
+    path = tmp_path / "resnet18_tv.pth"
+    torch.save(imagenet, path)
+    model = PSPNet(layers=18, classes=3, deep_stem=False, pretrained=str(path))
+    state = model.state_dict()
+    _assert_same(state["layer0.0.weight"], imagenet["conv1.weight"])
+    _assert_same(state["layer0.1.bias"], imagenet["bn1.bias"])
+    _assert_same(state["layer3.0.downsample.0.weight"], imagenet["layer3.0.downsample.0.weight"])
+
+
+def test_build_model_loads_pretrained_backbone_from_config(tmp_path):
+    imagenet = _randomised(resnet18().state_dict())
+    path = tmp_path / "backbone.pth"
+    torch.save(imagenet, path)
+    cfg = SimpleNamespace(arch="psp", layers=18, classes=3, zoom_factor=8, dropout=0.1, bins=[1, 2, 3, 6],
+                          deep_stem=True, pretrained_backbone=str(path))
+    _assert_same(build_model(cfg).state_dict()["layer0.3.weight"], imagenet["conv2.weight"])
+
+
+def test_classification_resnet_loads_its_own_format(tmp_path):
+    imagenet = _randomised(resnet18().state_dict())
+    torch.save(imagenet, tmp_path / "r18.pth")
+    model = resnet18()
+    load_backbone_weights(model, tmp_path / "r18.pth", "MODEL.weights")
+    _assert_same(model.state_dict()["conv3.weight"], imagenet["conv3.weight"])
+
+
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_full_checkpoint_round_trip(tmp_path, prefix):
+    source = PSPNet(layers=18, classes=3)
+    source.load_state_dict(_randomised(source.state_dict()))
+    checkpoint = {"epoch": 4, "optimizer": {"state": {}, "param_groups": [{"lr": 0.01, "params": [0]}]},
+                  "state_dict": {prefix + k: v for k, v in source.state_dict().items()}}
+    path = tmp_path / "train_epoch_4.pth"
+    torch.save(checkpoint, path)
+
+    target = PSPNet(layers=18, classes=3)
+    report = load_model_weights(target, path, "TEST.model_path", strict=True)
+
+    assert report.clean()
+    for key, value in source.state_dict().items():
+        _assert_same(target.state_dict()[key], value)
+    assert set(load_state_dict_file(path, "TEST.model_path")) == set(source.state_dict())
+
+
+def test_different_class_count_is_named(tmp_path):
+    path = tmp_path / "voc.pth"
+    torch.save({"state_dict": PSPNet(layers=18, classes=21).state_dict()}, path)
+    with pytest.raises(CheckpointError) as error:
+        load_model_weights(PSPNet(layers=18, classes=150), path, "TRAIN.weight", strict=False)
+    assert str(error.value) == f"checkpoint {path} has 21 classes (cls.4.weight 21x512x1x1) but DATA.classes is 150"
+
+
+def test_missing_file_names_path_and_key(tmp_path):
+    path = tmp_path / "nowhere" / "train_epoch_50.pth"
+    with pytest.raises(CheckpointError, match=rf"TEST.model_path: weight file not found: {path}"):
+        load_model_weights(PSPNet(layers=18, classes=3), path, "TEST.model_path")
+
+
+def test_unsafe_pickle_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": WritesMarker(marker)}, path)
+    with pytest.raises(CheckpointError) as error:
+        load_model_weights(PSPNet(layers=18, classes=3), path, "TRAIN.weight")
+    message = str(error.value)
+    assert message.startswith(f"TRAIN.weight: {path} contains arbitrary Python objects")
+    assert "refused" in message and "trust_pickle=True" in message
+    assert not marker.exists()
+
+
+def test_trusted_legacy_pickle_loads_only_with_explicit_opt_in(tmp_path):
+    state = _randomised(resnet18().state_dict())
+    path = tmp_path / "legacy.pth"
+    torch.save({"state_dict": state, "args": argparse.Namespace(arch="psp")}, path)
+    with pytest.raises(CheckpointError, match="argparse.Namespace"):
+        load_state_dict_file(path, "TRAIN.weight")
+    _assert_same(load_state_dict_file(path, "TRAIN.weight", trust_pickle=True)["fc.bias"], state["fc.bias"])
+
+
+def test_unreadable_file_and_non_state_dict(tmp_path):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(CheckpointError, match=rf"TRAIN.weight: {garbage} is not a readable PyTorch weight file"):
+        load_state_dict_file(garbage, "TRAIN.weight")
+    listing = tmp_path / "list.pth"
+    torch.save({"epoch": 3, "best": 0.5}, listing)
+    with pytest.raises(CheckpointError, match=r"holds no state dict .* found \['best', 'epoch'\]"):
+        load_state_dict_file(listing, "TRAIN.weight")
+
+
+def test_mostly_missing_backbone_is_an_error(tmp_path):
+    stem_and_layer1 = {k: v for k, v in resnet18().state_dict().items()
+                       if not k.startswith(("layer2", "layer3", "layer4"))}
+    path = tmp_path / "stem_only.pth"
+    torch.save(stem_and_layer1, path)
+    with pytest.raises(CheckpointError) as error:
+        load_backbone_weights(PSPNet(layers=18, classes=3), path, "TRAIN.pretrained_backbone")
+    message = str(error.value)
+    assert message.startswith(f"TRAIN.pretrained_backbone: {path} would leave most of the backbone uninitialised")
+    assert "missing from the file (" in message and "layer2.0.conv1.weight" in message
+
+
+def test_backbone_of_another_depth_is_an_error(tmp_path):
+    path = tmp_path / "resnet50.pth"
+    torch.save(resnet50().state_dict(), path)
+    with pytest.raises(CheckpointError) as error:
+        load_backbone_weights(PSPNet(layers=18, classes=3), path, "TRAIN.pretrained_backbone")
+    message = str(error.value)
+    assert "does not fit the backbone, check TRAIN.layers" in message
+    assert "layer1.0.conv1.weight (file 64x128x1x1, model 64x128x3x3)" in message
+
+
+def test_stem_kind_mismatch_points_at_deep_stem(tmp_path):
+    path = tmp_path / "tv.pth"
+    torch.save(resnet18(deep_stem=False).state_dict(), path)
+    with pytest.raises(CheckpointError, match="has a 7x7 stem but the model has a deep 3x3 stem; set TRAIN.deep_stem"):
+        load_backbone_weights(PSPNet(layers=18, classes=3), path, "TRAIN.pretrained_backbone")
+
+
+def test_a_few_missing_backbone_keys_are_one_warning(tmp_path, caplog):
+    imagenet = resnet18().state_dict()
+    dropped = ["layer4.1.bn2.weight", "layer4.1.bn2.bias"]
+    for key in dropped:
+        del imagenet[key]
+    imagenet["layer5.0.conv1.weight"] = torch.zeros(1)
+    path = tmp_path / "partial.pth"
+    torch.save(imagenet, path)
+    with caplog.at_level(logging.WARNING, logger="model.weights"):
+        report = load_backbone_weights(PSPNet(layers=18, classes=3), path, "TRAIN.pretrained_backbone")
+    assert report.missing == dropped and report.unexpected == ["layer5.0.conv1.weight"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "missing from the file (2): layer4.1.bn2.weight, layer4.1.bn2.bias" in warnings[0]
+    assert "not in the model (1): layer5.0.conv1.weight" in warnings[0]
+
+
+def test_strict_full_load_reports_missing_keys_and_lenient_load_warns(tmp_path, caplog):
+    state = PSPNet(layers=18, classes=3).state_dict()
+    del state["aux.4.bias"]
+    path = tmp_path / "no_aux_bias.pth"
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(CheckpointError, match=r"does not fit the model: .*missing from the file \(1\): aux.4.bias"):
+        load_model_weights(PSPNet(layers=18, classes=3), path, "TRAIN.weight", strict=True)
+    with caplog.at_level(logging.WARNING, logger="model.weights"):
+        report = load_model_weights(PSPNet(layers=18, classes=3), path, "TEST.model_path", strict=False)
+    assert report.missing == ["aux.4.bias"]
+    assert any("aux.4.bias" in r.getMessage() for r in caplog.records)

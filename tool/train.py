@@ -1,0 +1,347 @@
+"""Train PSPNet / PSANet: one process per device, from one CPU to many GPU nodes.
+
+  python tool/train.py --config=config/toy/toy_pspnet18.yaml [SECTION.key value ...]
+  torchrun --nproc_per_node=4 tool/train.py --config=config/ade20k/ade20k_pspnet50.yaml
+  srun --ntasks-per-node=8 python tool/train.py --config=...           (one task per GPU)
+
+CUDA is used when available, else the CPU, with no config edit. A plain `python tool/train.py` on
+a multi-GPU node spawns one process per GPU in TRAIN.train_gpu, as semseg did.
+TRAIN.batch_size is the global batch: split across processes and TRAIN.accum_steps micro-batches.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from lib.sync_bn import convert_sync_batchnorm  # noqa: E402
+from model import build_model  # noqa: E402
+from model.weights import load_model_weights  # noqa: E402
+from util.checkpoint import (BEST_FILE, atomic_save, check_writable, prune_checkpoints, read_checkpoint,  # noqa: E402
+                             resolve_resume, rng_state, set_rng_state, with_module_prefix)
+from util.cli import Progress, format_duration, run_main, setup_logging  # noqa: E402
+from util.config import Config, add_config_arguments, describe_schema, load_config  # noqa: E402
+from util.dataset import SemSegDataset, build_label_lut  # noqa: E402
+from util.distributed import (DistInfo, GlobalBatchSampler, cleanup_distributed, detect_launch,  # noqa: E402
+                              init_distributed, shard_indices)
+from util.errors import ConfigError, UserError  # noqa: E402
+from util.loss import count_valid, label_at_output_size, segmentation_loss  # noqa: E402
+from util.metrics import ConfusionMatrix, format_scores_table  # noqa: E402
+from util.optim import build_optimizer, set_poly_lr  # noqa: E402
+from util.transform import build_train_transform, build_val_transform  # noqa: E402
+
+logger = logging.getLogger("train")
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, epilog="config keys:\n" + describe_schema(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def default_workers(cfg: Config, local_world_size: int) -> int:
+    """TRAIN.workers is per node (semseg); -1 picks min(4, cores per process)."""
+    if cfg.workers >= 0:
+        return (cfg.workers + local_world_size - 1) // local_world_size
+    return min(4, max(1, (os.cpu_count() or 1) // local_world_size))
+
+
+def make_dataset(cfg: Config, list_key: str, transform, seed: int) -> SemSegDataset:
+    lut = build_label_lut(cfg.classes, cfg.ignore_label, cfg.reduce_zero_label, cfg.label_map)
+    return SemSegDataset(getattr(cfg, list_key), cfg.data_root, "train" if list_key == "train_list" else "val",
+                         cfg.classes, cfg.ignore_label, transform=transform, label_lut=lut, seed=seed,
+                         allow_unsafe_paths=cfg.allow_unsafe_paths)
+
+
+def make_train_loader(cfg: Config, info: DistInfo, seed: int, workers: int) -> tuple[DataLoader, GlobalBatchSampler]:
+    if not cfg.train_list:
+        raise ConfigError("DATA.train_list is not set: training needs a list file of `image label` lines")
+    dataset = make_dataset(cfg, "train_list", build_train_transform(cfg), seed)
+    try:
+        sampler = GlobalBatchSampler(len(dataset), cfg.batch_size, info.rank, info.world_size, seed,
+                                     micro_batches_per_step=cfg.accum_steps)
+    except ValueError as e:
+        raise ConfigError(f"TRAIN.batch_size {cfg.batch_size} with {info.world_size} process(es) and "
+                          f"TRAIN.accum_steps {cfg.accum_steps}, {len(dataset)} samples in "
+                          f"{cfg.train_list}: {e}") from None
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                        pin_memory=info.device.type == "cuda", persistent_workers=workers > 0,
+                        prefetch_factor=4 if workers > 0 else None,
+                        generator=torch.Generator().manual_seed(seed))  # keeps the global RNG untouched
+    return loader, sampler
+
+
+def make_val_loader(cfg: Config, info: DistInfo, workers: int) -> DataLoader:
+    if not cfg.val_list:
+        raise ConfigError("TRAIN.evaluate is on but DATA.val_list is not set")
+    dataset = make_dataset(cfg, "val_list", build_val_transform(cfg), 0)
+    shard = torch.utils.data.Subset(dataset, shard_indices(len(dataset), info.rank, info.world_size))
+    return DataLoader(shard, batch_size=max(1, cfg.batch_size_val // info.world_size), shuffle=False,
+                      num_workers=workers, pin_memory=info.device.type == "cuda")
+
+
+def prepare_model(cfg: Config, info: DistInfo) -> torch.nn.Module:
+    model = build_model(cfg)
+    if cfg.weight:
+        load_model_weights(model, cfg.weight, "TRAIN.weight", trust_pickle=cfg.trust_pickle)
+    if cfg.sync_bn and info.distributed:
+        model = convert_sync_batchnorm(model, info.device)
+    model = model.to(info.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def autocast(cfg: Config, device: torch.device):
+    if cfg.amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[cfg.amp])
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, loader: DataLoader, cfg: Config, info: DistInfo):
+    """Centre-crop validation on this process's shard; confusion matrices merged across processes."""
+    model.eval()
+    matrix = ConfusionMatrix(cfg.classes, cfg.ignore_label)
+    for image, label in loader:
+        image = image.to(info.device, non_blocking=True)
+        if cfg.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        with autocast(cfg, info.device):
+            logits = model(image)
+        matrix.update(logits.argmax(1), label_at_output_size(label.to(info.device), cfg.zoom_factor))
+    matrix.reduce()
+    model.train()
+    return matrix.compute()
+
+
+def save_checkpoint(cfg: Config, epoch: int, iteration: int, net, optimizer, scaler, best_miou: float,
+                    is_best: bool) -> Path:
+    state = {"epoch": epoch, "iteration": iteration, "state_dict": with_module_prefix(net.state_dict()),
+             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "best_miou": best_miou,
+             "rng": rng_state(), "config": cfg.to_dict()}
+    path = Path(cfg.save_path) / f"train_epoch_{epoch}.pth"
+    atomic_save(state, path)
+    if is_best:
+        atomic_save(state, Path(cfg.save_path) / BEST_FILE)
+    prune_checkpoints(cfg.save_path, cfg.keep_checkpoints)
+    return path
+
+
+def train_worker(cfg: Config) -> None:
+    info = init_distributed(cfg.dist_backend, cfg.dist_timeout)
+    save_path = Path(cfg.save_path)
+    if info.is_main:
+        check_writable(save_path, "TRAIN.save_path")
+    setup_logging(save_path / f"train-{time.strftime('%Y%m%d_%H%M%S')}.log" if info.is_main else None, info.is_main)
+    logger.info("config %s, %d process(es) on %s", cfg.source("data_root").split(" line")[0],
+                info.world_size, info.device)
+    if info.is_main:
+        cfg.save(save_path / "config.yaml")
+        logger.info("resolved config saved to %s", save_path / "config.yaml")
+
+    seed = cfg.manual_seed
+    if seed is None:  # one random seed shared by all processes, logged so the run can be repeated
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        if info.distributed:
+            box = [seed]
+            dist.broadcast_object_list(box, src=0)
+            seed = box[0]
+        logger.info("TRAIN.manual_seed not set; using %d", seed)
+    torch.manual_seed(seed)
+    if info.device.type == "cpu" and info.world_size > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
+
+    net = prepare_model(cfg, info)
+    optimizer = build_optimizer(net, cfg.base_lr, cfg.momentum, cfg.weight_decay)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.amp == "fp16")
+    param_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+    if info.is_main:  # model + momentum, twice (epoch file and best.pth), keep_checkpoints deep
+        check_writable(save_path, "TRAIN.save_path", need_bytes=2 * param_bytes * (cfg.keep_checkpoints + 1))
+
+    start_epoch, best_miou = cfg.start_epoch, -1.0
+    resume_path = resolve_resume(cfg.resume, save_path)
+    if resume_path is not None:
+        ckpt = read_checkpoint(resume_path, "TRAIN.resume", cfg.trust_pickle)
+        net.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        start_epoch, best_miou = ckpt["epoch"], ckpt["best_miou"]
+        logger.info("resumed from %s (epoch %d done)", resume_path, start_epoch)
+    elif cfg.resume == "auto":
+        logger.info("TRAIN.resume auto: no checkpoint in %s, starting from scratch", save_path)
+
+    model = net
+    if info.distributed:
+        model = DistributedDataParallel(net, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+                                        find_unused_parameters=cfg.aux_weight == 0)
+    if cfg.compile:
+        model = torch.compile(model)
+
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    workers = default_workers(cfg, local_world)
+    train_loader, sampler = make_train_loader(cfg, info, seed, workers)
+    val_loader = make_val_loader(cfg, info, workers) if cfg.evaluate else None
+    steps = sampler.steps_per_epoch
+    max_iter = cfg.epochs * steps
+    logger.info("global batch %d = %d process(es) x %d accumulation step(s) x %d; %d steps/epoch, %d epochs; "
+                "%d data workers per process", cfg.batch_size, info.world_size, cfg.accum_steps,
+                sampler.micro_batch_size, steps, cfg.epochs, workers)
+    writer = None
+    if info.is_main:
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(str(save_path))
+
+    progress = Progress(max_iter, start=start_epoch * steps)
+    scores = None
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        model.train()
+        train_one_epoch(cfg, info, model, train_loader, optimizer, scaler, epoch, steps, max_iter, progress, writer)
+        is_best = False
+        if val_loader is not None:
+            scores = validate(net, val_loader, cfg, info)  # unwrapped: shards may differ in length
+            is_best = scores.miou > best_miou
+            best_miou = max(best_miou, scores.miou)
+            logger.info("epoch %d/%d validation mIoU %.4f mAcc %.4f allAcc %.4f", epoch + 1, cfg.epochs,
+                        scores.miou, scores.macc, scores.allacc)
+            if writer is not None:
+                for name, value in (("mIoU_val", scores.miou), ("mAcc_val", scores.macc), ("allAcc_val", scores.allacc)):
+                    writer.add_scalar(name, value, epoch + 1)
+        if info.is_main and ((epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs):
+            path = save_checkpoint(cfg, epoch + 1, (epoch + 1) * steps, net, optimizer, scaler, best_miou, is_best)
+            logger.info("saved %s", path)
+        if info.distributed:
+            dist.barrier()  # no process starts the next epoch before the checkpoint is complete
+    if scores is not None:
+        logger.info("final validation:\n%s", format_scores_table(scores))
+    if writer is not None:
+        writer.close()
+    logger.info("training done: %s", save_path)
+    cleanup_distributed()
+
+
+def train_one_epoch(cfg, info, model, loader, optimizer, scaler, epoch, steps, max_iter, progress, writer) -> None:
+    """One pass over the global batches; host-device syncs only at print_freq."""
+    device = info.device
+    stats = torch.zeros(4, device=device, dtype=torch.float64)  # main loss, aux loss, correct px, valid px
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    data_time = batch_time = 0.0
+    logged_steps = 0
+    batches = iter(loader)
+    end = time.perf_counter()
+    for step in range(steps):
+        micro = [next(batches) for _ in range(cfg.accum_steps)]
+        data_time += time.perf_counter() - end
+        images = [m[0].to(device, non_blocking=True) for m in micro]
+        labels = [label_at_output_size(m[1].to(device, non_blocking=True), cfg.zoom_factor) for m in micro]
+        if cfg.channels_last:
+            images = [x.contiguous(memory_format=torch.channels_last) for x in images]
+        valid = count_valid(labels, cfg.ignore_label).to(torch.float32)
+        if info.distributed:
+            dist.all_reduce(valid)
+        normaliser = valid.clamp(min=1) / info.world_size  # DDP averages gradients over processes
+        for k, (image, label) in enumerate(zip(images, labels)):
+            sync = k == len(images) - 1 or not info.distributed
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast(cfg, device):
+                main, aux = model(image, return_aux=True)
+                loss, main_loss, aux_loss = segmentation_loss(main, aux, label, cfg.aux_weight, cfg.ignore_label,
+                                                              normaliser)
+            scaler.scale(loss).backward()
+            with torch.no_grad():
+                mask = label != cfg.ignore_label
+                stats += torch.stack([main_loss.detach().double(), aux_loss.detach().double(),
+                                      ((main.argmax(1) == label) & mask).sum().double(), mask.sum().double()])
+                bad = ~torch.isfinite(loss.detach())
+                first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        current_iter = epoch * steps + step + 1
+        lr = set_poly_lr(optimizer, cfg.base_lr, current_iter, max_iter, cfg.power)
+        batch_time += time.perf_counter() - end
+        logged_steps += 1
+        if (step + 1) % cfg.print_freq == 0 or step + 1 == steps:
+            check_finite(first_bad, epoch, steps, info, cfg)
+            if info.distributed:
+                dist.all_reduce(stats)
+            loss_main, loss_aux, correct, total = stats.tolist()
+            n = logged_steps * info.world_size  # each process's losses carry a factor world_size
+            logger.info("epoch [%d/%d] step [%d/%d] main loss %.4f aux loss %.4f pixel acc %.4f lr %.6f "
+                        "data %.3fs batch %.3fs (%s)", epoch + 1, cfg.epochs, step + 1, steps,
+                        loss_main / n, loss_aux / n, correct / max(total, 1),
+                        lr, data_time / logged_steps, batch_time / logged_steps, progress.line(current_iter))
+            if writer is not None:
+                writer.add_scalar("loss_train", loss_main / n, current_iter)
+                writer.add_scalar("allAcc_train", correct / max(total, 1), current_iter)
+                writer.add_scalar("lr", lr, current_iter)
+            stats.zero_()
+            data_time = batch_time = 0.0
+            logged_steps = 0
+        end = time.perf_counter()
+
+
+def check_finite(first_bad: torch.Tensor, epoch: int, steps: int, info: DistInfo, cfg: Config) -> None:
+    """Stop every process with the first iteration whose loss was not finite (on any process)."""
+    flag = first_bad.clone()
+    if info.distributed:
+        flag = torch.where(flag < 0, torch.full_like(flag, steps + 1), flag)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        flag = torch.where(flag > steps, torch.full_like(flag, -1), flag)
+    step = int(flag.item())
+    if step >= 0:
+        iteration = epoch * steps + step + 1
+        raise TrainingDiverged(
+            f"loss became NaN/inf at iteration {iteration} (epoch {epoch + 1}, step {step + 1}); stopped without "
+            f"saving. The last good checkpoint in {cfg.save_path} is intact; lower TRAIN.base_lr "
+            f"({cfg.base_lr}) or check the data, then resume with TRAIN.resume auto")
+
+
+def spawn_worker(local_rank: int, cfg: Config, gpus: list[int]) -> None:
+    """Child of a plain-python multi-GPU launch: joins the group through the env:// variables."""
+    url = urlparse(cfg.dist_url)
+    os.environ.update(RANK=str(cfg.rank * len(gpus) + local_rank), LOCAL_RANK=str(local_rank),
+                      WORLD_SIZE=str(cfg.world_size * len(gpus)), LOCAL_WORLD_SIZE=str(len(gpus)),
+                      MASTER_ADDR=url.hostname or "127.0.0.1", MASTER_PORT=str(url.port or 29500))
+    run_main(lambda: train_worker(cfg))
+
+
+def main() -> None:
+    args = parse_args()
+    cfg = load_config(args.config, args.opts)
+    launched = detect_launch(os.environ).launcher != "single"
+    gpus = cfg.train_gpu or list(range(torch.cuda.device_count()))
+    if not launched and cfg.multiprocessing_distributed and torch.cuda.is_available() and (
+            len(gpus) > 1 or cfg.world_size > 1):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+        try:
+            mp.spawn(spawn_worker, args=(cfg, gpus), nprocs=len(gpus))
+        except mp.ProcessException as e:  # the failing child has printed its own reason
+            sys.exit(f"training stopped: {str(e).splitlines()[0]}")
+        return
+    train_worker(cfg)
+
+
+if __name__ == "__main__":
+    run_main(main)

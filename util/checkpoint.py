@@ -1,0 +1,131 @@
+"""Training checkpoints: atomic writes, keep-last-K plus best, and `resume auto`.
+
+Layout (semseg's, extended): save_path/train_epoch_<n>.pth holding {'epoch', 'state_dict' (keys
+with the 'module.' prefix, as semseg saved them), 'optimizer', 'scaler', 'iteration',
+'best_miou', 'rng', 'config'}; save_path/best.pth is the checkpoint with the best validation mIoU.
+A file is written to a hidden temporary name, flushed to disk and renamed, so a crash or a full disk
+never leaves a truncated file under a final name, and `resume auto` only ever sees complete files.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from util.errors import CheckpointError, UserError
+
+logger = logging.getLogger(__name__)
+EPOCH_FILE = re.compile(r"^train_epoch_(\d+)\.pth$")
+BEST_FILE = "best.pth"
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; "
+                              f"earlier checkpoints in {path.parent} are intact") from None
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def epoch_checkpoints(save_path: str | Path) -> list[tuple[int, Path]]:
+    """Complete epoch checkpoints in save_path, oldest first."""
+    folder = Path(save_path)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := EPOCH_FILE.match(p.name))]
+    return sorted(found)
+
+
+def prune_checkpoints(save_path: str | Path, keep: int) -> None:
+    """Delete all but the `keep` newest epoch checkpoints (best.pth is a separate file)."""
+    for _, path in epoch_checkpoints(save_path)[:-keep]:
+        path.unlink(missing_ok=True)
+
+
+def read_checkpoint(path: str | Path, config_key: str, trust_pickle: bool = False) -> dict:
+    """torch.load with weights_only=True: tensors and plain containers only, never code.
+
+    A legacy file holding other Python objects is refused unless the user opts in with
+    TRAIN.trust_pickle True, which is only safe for files from a trusted source.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{config_key}: checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{config_key}: refused to load {path}: it contains Python objects that would run code "
+                f"when unpickled ({first}). If the file comes from a source you trust, set "
+                f"TRAIN.trust_pickle True (or re-save it as a plain state dict)") from None
+        raise CheckpointError(f"{config_key}: cannot read checkpoint {path}: {first}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{config_key}: {path} holds a {type(obj).__name__}, expected a dict")
+    return obj
+
+
+def resolve_resume(resume: str, save_path: str | Path) -> Path | None:
+    """TRAIN.resume: '' -> None; 'auto' -> newest complete checkpoint in save_path or None; else the path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = epoch_checkpoints(save_path)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not path.is_file():
+        raise CheckpointError(f"TRAIN.resume: checkpoint {path} does not exist")
+    return path
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def with_module_prefix(state_dict: dict) -> dict:
+    """semseg saved from a DDP wrapper; keep that layout so its tools load our files too."""
+    return {k if k.startswith("module.") else f"module.{k}": v for k, v in state_dict.items()}
+
+
+def check_writable(folder: str | Path, config_key: str, need_bytes: int = 0) -> None:
+    """Fail before any work if outputs cannot be written: not creatable, not writable or too full."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_probe{os.getpid()}"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{config_key} {folder} is not writable: {e.strerror or e}") from None
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        raise UserError(f"{config_key} {folder}: only {free / 2**20:.0f} MiB free on its disk, "
+                        f"about {need_bytes / 2**20:.0f} MiB needed for checkpoints")
