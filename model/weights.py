@@ -75,7 +75,7 @@ def load_checkpoint(path: PathLike, config_key: str, trust_pickle: bool = False)
         raise CheckpointError(
             f"{config_key}: {path} contains arbitrary Python objects (e.g. {found.group(1)}), not just tensors; "
             f"loading was refused because unpickling them can run code. If the file is a legacy checkpoint "
-            f"from a source you trust, load it with the explicit opt-in trust_pickle=True") from None
+            f"from a source you trust, opt in with TRAIN.trust_pickle True (or re-save it as a plain state dict)") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         raise CheckpointError(f"{config_key}: {path} is not a readable PyTorch weight file "
                               f"({_first_line(error)})") from None

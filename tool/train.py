@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import os
 import sys
 import time
@@ -30,10 +29,10 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from lib.sync_bn import convert_sync_batchnorm  # noqa: E402
 from model import build_model  # noqa: E402
-from model.weights import load_model_weights  # noqa: E402
-from util.checkpoint import (BEST_FILE, atomic_save, check_writable, prune_checkpoints, read_checkpoint,  # noqa: E402
-                             resolve_resume, rng_state, set_rng_state, with_module_prefix)
-from util.cli import Progress, format_duration, run_main, setup_logging  # noqa: E402
+from model.weights import load_checkpoint, load_model_weights  # noqa: E402
+from util.checkpoint import (BEST_FILE, atomic_save, check_writable, prune_checkpoints, resolve_resume,  # noqa: E402
+                             rng_state, set_rng_state, with_module_prefix)
+from util.cli import Progress, run_main, setup_logging  # noqa: E402
 from util.config import Config, add_config_arguments, describe_schema, load_config  # noqa: E402
 from util.dataset import SemSegDataset, build_label_lut  # noqa: E402
 from util.distributed import (DistInfo, GlobalBatchSampler, cleanup_distributed, detect_launch,  # noqa: E402
@@ -182,7 +181,7 @@ def train_worker(cfg: Config) -> None:
     start_epoch, best_miou = cfg.start_epoch, -1.0
     resume_path = resolve_resume(cfg.resume, save_path)
     if resume_path is not None:
-        ckpt = read_checkpoint(resume_path, "TRAIN.resume", cfg.trust_pickle)
+        ckpt = load_checkpoint(resume_path, "TRAIN.resume", cfg.trust_pickle)
         net.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])

@@ -60,30 +60,6 @@ def prune_checkpoints(save_path: str | Path, keep: int) -> None:
         path.unlink(missing_ok=True)
 
 
-def read_checkpoint(path: str | Path, config_key: str, trust_pickle: bool = False) -> dict:
-    """torch.load with weights_only=True: tensors and plain containers only, never code.
-
-    A legacy file holding other Python objects is refused unless the user opts in with
-    TRAIN.trust_pickle True, which is only safe for files from a trusted source.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{config_key}: checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise CheckpointError(
-                f"{config_key}: refused to load {path}: it contains Python objects that would run code "
-                f"when unpickled ({first}). If the file comes from a source you trust, set "
-                f"TRAIN.trust_pickle True (or re-save it as a plain state dict)") from None
-        raise CheckpointError(f"{config_key}: cannot read checkpoint {path}: {first}") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{config_key}: {path} holds a {type(obj).__name__}, expected a dict")
-    return obj
-
-
 def resolve_resume(resume: str, save_path: str | Path) -> Path | None:
     """TRAIN.resume: '' -> None; 'auto' -> newest complete checkpoint in save_path or None; else the path."""
     if not resume:
