@@ -1,0 +1,85 @@
+"""tool/test.py end to end on the tiny toy data: outputs, 2 processes == 1, re-scoring saved PNGs."""
+import json
+import sys
+
+import cv2
+import pytest
+import torch
+
+from conftest import run_tool, write_config
+from model import build_model
+from util.config import load_config
+
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_toy, tmp_path_factory):
+    """A random layers-18 PSPNet saved as semseg does: {'state_dict': module.-prefixed keys}."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    cfg = load_config(write_config(folder / "cfg.yaml", tiny_toy))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    path = folder / "model.pth"
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+def evaluate(tiny_toy, folder, checkpoint, *extra, launcher=None):
+    cfg = write_config(folder / "cfg.yaml", tiny_toy, TEST={"model_path": str(checkpoint), "scales": [0.75, 1.0],
+                                                          "vis_count": 2})
+    out = run_tool("test.py", f"--config={cfg}", *extra, launcher=launcher)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out, json.loads((folder / "result" / "metrics.json").read_text())
+
+
+def test_writes_predictions_table_and_json(tiny_toy, tmp_path, checkpoint):
+    out, metrics = evaluate(tiny_toy, tmp_path, checkpoint)
+    result = tmp_path / "result"
+    names = [line.split()[0].split("/")[-1][:-4] for line in (tiny_toy / "val.txt").read_text().splitlines()]
+    for name in names:
+        gray = cv2.imread(str(result / "gray" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        image = cv2.imread(str(tiny_toy / "images" / "val" / f"{name}.jpg"))
+        assert gray.shape == image.shape[:2] and gray.max() < 6
+        assert (result / "color" / f"{name}.png").is_file()
+    assert len(list((result / "vis").glob("*.png"))) == 2
+    assert metrics["images"] == 8 and len(metrics["classes"]) == 6
+    assert {"mIoU", "mAcc", "allAcc"} <= metrics.keys()
+    assert "mIoU" in out.stdout and "sky" in out.stdout and "ETA" in out.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_numbers(tiny_toy, tmp_path, checkpoint):
+    _, one = evaluate(tiny_toy, tmp_path / "one", checkpoint)
+    _, two = evaluate(tiny_toy, tmp_path / "two", checkpoint, launcher=TORCHRUN_2)
+    assert one["classes"] == two["classes"] and one["mIoU"] == two["mIoU"]
+    gray_one = sorted(p.name for p in (tmp_path / "one" / "result" / "gray").iterdir())
+    assert gray_one == sorted(p.name for p in (tmp_path / "two" / "result" / "gray").iterdir())
+
+
+def test_has_prediction_rescores_saved_pngs(tiny_toy, tmp_path, checkpoint):
+    _, first = evaluate(tiny_toy, tmp_path, checkpoint)
+    cfg = tmp_path / "cfg.yaml"
+    out = run_tool("test.py", f"--config={cfg}", "TEST.has_prediction", "True", "TEST.model_path", "")
+    assert out.returncode == 0, out.stderr[-3000:]
+    again = json.loads((tmp_path / "result" / "metrics.json").read_text())
+    assert again["classes"] == first["classes"]
+    next((tmp_path / "result" / "gray").glob("*.png")).unlink()
+    out = run_tool("test.py", f"--config={cfg}", "TEST.has_prediction", "True")
+    assert out.returncode == 2 and "does not exist" in out.stderr and "has_prediction" in out.stderr
+
+
+def test_index_slice_and_same_base_names(tiny_toy, tmp_path, checkpoint):
+    """Two images called x.jpg in different folders get separate predictions (a/x.png, b/x.png)."""
+    root = tmp_path / "data"
+    for sub, sample in (("a", "toy_val_00000"), ("b", "toy_val_00001"), ("c", "toy_val_00002")):
+        (root / sub).mkdir(parents=True)
+        (root / sub / "x.jpg").write_bytes((tiny_toy / "images" / "val" / f"{sample}.jpg").read_bytes())
+        (root / sub / "x.png").write_bytes((tiny_toy / "labels" / "val" / f"{sample}.png").read_bytes())
+    (root / "list.txt").write_text("".join(f"{s}/x.jpg {s}/x.png\n" for s in "abc"))
+    cfg = write_config(tmp_path / "cfg.yaml", root, TEST={"model_path": str(checkpoint), "names_path": "",
+                                                         "colors_path": "", "test_list": str(root / "list.txt")})
+    out = run_tool("test.py", f"--config={cfg}", "TEST.index_start", "0", "TEST.index_step", "2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    gray = tmp_path / "result" / "gray"
+    assert sorted(str(p.relative_to(gray)) for p in gray.rglob("*.png")) == ["a/x.png", "b/x.png"]

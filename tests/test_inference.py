@@ -1,0 +1,127 @@
+"""Batched sliding-window inference equals a per-window float64 reference written like semseg's test.py."""
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from util.inference import multi_scale_predict, resize_image, scaled_size, window_grid
+from util.palette import output_names
+from util.transform import MEAN, STD
+
+
+class TinySegNet(nn.Module):
+    """Random stand-in for PSPNet: 1/8 features, logits upsampled to (in - 1) / 8 * 8 + 1."""
+
+    def __init__(self, classes, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+                                  nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, classes, 1))
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        out = self.body(x)
+        return F.interpolate(out, ((h - 1) // 8 * 8 + 1, (w - 1) // 8 * 8 + 1), mode="bilinear", align_corners=True)
+
+
+def reference_predict(model, image, classes, crop_h, crop_w, base_size, scales, stride_rate, flip):
+    """semseg's algorithm, one window at a time, in float64 numpy."""
+    mean, std = np.array(MEAN), np.array(STD)
+
+    def net_process(crop):
+        x = (torch.from_numpy(crop.transpose(2, 0, 1)).double() - torch.tensor(mean).view(3, 1, 1)) \
+            / torch.tensor(std).view(3, 1, 1)
+        x = x.unsqueeze(0)
+        if flip:
+            x = torch.cat([x, x.flip(3)], 0)
+        with torch.no_grad():
+            out = model(x)
+        if out.shape[-2:] != x.shape[-2:]:
+            out = F.interpolate(out, x.shape[-2:], mode="bilinear", align_corners=True)
+        out = F.softmax(out, dim=1)
+        out = (out[0] + out[1].flip(2)) / 2 if flip else out[0]
+        return out.numpy().transpose(1, 2, 0)
+
+    def scale_process(img, h, w):
+        ori_h, ori_w = img.shape[:2]
+        pad_h, pad_w = max(crop_h - ori_h, 0), max(crop_w - ori_w, 0)
+        ph, pw = pad_h // 2, pad_w // 2
+        if pad_h or pad_w:
+            img = cv2.copyMakeBorder(img, ph, pad_h - ph, pw, pad_w - pw, cv2.BORDER_CONSTANT, value=mean.tolist())
+        new_h, new_w = img.shape[:2]
+        sh, sw = int(math.ceil(crop_h * stride_rate)), int(math.ceil(crop_w * stride_rate))
+        gh, gw = int(math.ceil(float(new_h - crop_h) / sh) + 1), int(math.ceil(float(new_w - crop_w) / sw) + 1)
+        pred = np.zeros((new_h, new_w, classes), float)
+        count = np.zeros((new_h, new_w), float)
+        for ih in range(gh):
+            for iw in range(gw):
+                e_h, e_w = min(ih * sh + crop_h, new_h), min(iw * sw + crop_w, new_w)
+                s_h, s_w = e_h - crop_h, e_w - crop_w
+                count[s_h:e_h, s_w:e_w] += 1
+                pred[s_h:e_h, s_w:e_w, :] += net_process(img[s_h:e_h, s_w:e_w].astype(np.float64))
+        pred /= count[..., None]
+        pred = pred[ph:ph + ori_h, pw:pw + ori_w]
+        return cv2.resize(pred, (w, h), interpolation=cv2.INTER_LINEAR)
+
+    h, w = image.shape[:2]
+    total = np.zeros((h, w, classes), float)
+    for scale in scales:
+        long_size = round(scale * base_size)
+        new_h, new_w = (long_size, round(long_size / float(h) * w)) if h > w else (round(long_size / float(w) * h), long_size)
+        total += scale_process(cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR), h, w)
+    return total / len(scales)
+
+
+CASES = [  # (h, w, scales, flip, base_size): smaller than the crop, portrait, landscape, multi-scale
+    (20, 27, [1.0], True, 27),
+    (70, 45, [1.0], False, 70),
+    (45, 90, [0.75, 1.25], True, 90),
+    (61, 61, [0.5, 1.0, 1.5], True, 64),
+]
+
+
+@pytest.mark.parametrize("h, w, scales, flip, base_size", CASES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_batched_equals_per_window_reference(h, w, scales, flip, base_size, seed):
+    classes, crop = 5, 33
+    rng = np.random.default_rng(seed)
+    image = (rng.random((h, w, 3)) * 255).astype(np.float32)
+    image = cv2.GaussianBlur(image, (5, 5), 0)  # some spatial structure
+    model = TinySegNet(classes, seed).eval()
+    ours = multi_scale_predict(model, [resize_image(image, round(s * base_size)) for s in scales], (h, w),
+                               classes, crop, crop, 2 / 3, flip, batch_size=3)
+    ref = reference_predict(model.double(), image, classes, crop, crop, base_size, scales, 2 / 3, flip)
+    ours = ours.numpy().transpose(1, 2, 0)
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() < 1e-5
+    assert np.array_equal(ours.argmax(2), ref.argmax(2))
+
+
+def test_window_grid_covers_and_aligns_last_window():
+    grid = window_grid(100, 40, 33, 33, 2 / 3)
+    ys, xs = sorted({y for y, _ in grid}), sorted({x for _, x in grid})
+    assert ys == [0, 22, 44, 66, 67]
+    assert ys[-1] + 33 == 100 and xs == [0, 7]
+    cover = np.zeros((100, 40), int)
+    for y, x in grid:
+        cover[y:y + 33, x:x + 33] += 1
+    assert cover.min() >= 1
+
+
+def test_scaled_size_keeps_aspect_with_semseg_rounding():
+    assert scaled_size(375, 500, 512) == (384, 512)
+    assert scaled_size(500, 375, 512) == (512, 384)
+    assert scaled_size(1024, 2048, round(1.75 * 2048)) == (1792, 3584)
+
+
+def test_output_names_keep_relative_path_on_clashes(tmp_path):
+    root = str(tmp_path)
+    assert output_names([f"{root}/a/x.jpg", f"{root}/b/y.jpg"], root) == ["x", "y"]
+    assert output_names([f"{root}/a/x.jpg", f"{root}/b/x.jpg"], root) == ["a/x", "b/x"]
+    names = output_names([f"{root}/a/x.jpg", "/elsewhere/x.jpg"], root)
+    assert names[0] == "a/x" and names[1].startswith("x_") and "/" not in names[1] and ".." not in names[1]

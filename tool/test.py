@@ -1,0 +1,180 @@
+"""Evaluate a trained model: multi-scale sliding-window inference with flip, PNG predictions, IoU.
+
+  python tool/test.py --config=config/ade20k/ade20k_pspnet50.yaml [SECTION.key value ...]
+  torchrun --nproc_per_node=4 tool/test.py --config=...      (shards the list, same numbers)
+
+Writes save_folder/gray/<name>.png (class ids) and save_folder/color/<name>.png, side-by-side
+image | prediction | truth PNGs for the first TEST.vis_count images in save_folder/vis, and for
+splits with labels the per-class table and save_folder/metrics.json. TEST.has_prediction re-scores
+the PNGs already in save_folder/gray without a model. CUDA when available, else CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+from model import build_model  # noqa: E402
+from model.weights import load_model_weights  # noqa: E402
+from util.checkpoint import check_writable  # noqa: E402
+from util.cli import Progress, run_main, setup_logging  # noqa: E402
+from util.config import Config, add_config_arguments, describe_schema, load_config  # noqa: E402
+from util.dataset import SemSegDataset, build_label_lut  # noqa: E402
+from util.distributed import barrier, cleanup_distributed, init_distributed, shard_indices  # noqa: E402
+from util.errors import ConfigError, DataError  # noqa: E402
+from util.image_io import read_label  # noqa: E402
+from util.inference import multi_scale_predict, resize_image  # noqa: E402
+from util.metrics import ConfusionMatrix, format_scores_table  # noqa: E402
+from util.palette import colorize, output_names, read_colors, read_names, side_by_side, write_png  # noqa: E402
+
+logger = logging.getLogger("test")
+
+
+class ScaledImages(Dataset):
+    """Decodes an image and resizes it to every test scale inside a data-loader worker."""
+
+    def __init__(self, dataset: SemSegDataset, indices: list[int], long_sizes: list[int]):
+        self.dataset, self.indices, self.long_sizes = dataset, indices, long_sizes
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        index = self.indices[i]
+        image, label, _ = self.dataset.load_raw(index)
+        return index, image, label, [resize_image(image, s) for s in self.long_sizes]
+
+
+def selected_indices(cfg: Config, total: int) -> list[int]:
+    """TEST.index_start / index_step: a slice of the list (index_step 0 = to the end)."""
+    end = total if cfg.index_step == 0 else min(total, cfg.index_start + cfg.index_step)
+    if cfg.index_start >= total:
+        raise ConfigError(f"TEST.index_start {cfg.index_start} is past the end of {cfg.test_list} ({total} samples)")
+    return list(range(cfg.index_start, end))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, epilog="config keys:\n" + describe_schema(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    return parser.parse_args()
+
+
+def load_model(cfg: Config, device: torch.device) -> torch.nn.Module:
+    if not cfg.model_path:
+        raise ConfigError("TEST.model_path is not set: evaluation needs a checkpoint (or TEST.has_prediction True)")
+    model = build_model(cfg)
+    load_model_weights(model, cfg.model_path, "TEST.model_path", trust_pickle=cfg.trust_pickle)
+    model = model.to(device).eval()
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def main() -> None:
+    args = parse_args()
+    cfg = load_config(args.config, args.opts)
+    info = init_distributed(cfg.dist_backend, cfg.dist_timeout)
+    save = Path(cfg.save_folder)
+    if info.is_main:
+        check_writable(save, "TEST.save_folder")
+    setup_logging(save / f"test-{time.strftime('%Y%m%d_%H%M%S')}.log" if info.is_main else None, info.is_main)
+    if info.is_main:
+        cfg.save(save / "config.yaml")
+    if not cfg.test_list:
+        raise ConfigError("TEST.test_list is not set")
+    names = read_names(cfg.names_path, cfg.classes) if cfg.names_path else [str(i) for i in range(cfg.classes)]
+    colors = read_colors(cfg.colors_path, cfg.classes) if cfg.colors_path else None
+
+    lut = build_label_lut(cfg.classes, cfg.ignore_label, cfg.reduce_zero_label, cfg.label_map)
+    dataset = SemSegDataset(cfg.test_list, cfg.data_root, cfg.split, cfg.classes, cfg.ignore_label,
+                            label_lut=lut, allow_unsafe_paths=cfg.allow_unsafe_paths)
+    indices = selected_indices(cfg, len(dataset))
+    out_names = output_names([dataset.entries[i].image_path for i in indices], cfg.data_root)
+    shard = [indices[k] for k in shard_indices(len(indices), info.rank, info.world_size)]
+    name_of = dict(zip(indices, out_names))
+    logger.info("evaluating %d of %d images in %s with %d process(es) on %s; scales %s, flip %s",
+                len(indices), len(dataset), cfg.test_list, info.world_size, info.device, cfg.scales, cfg.flip)
+
+    matrix = ConfusionMatrix(cfg.classes, cfg.ignore_label)
+    if cfg.has_prediction:
+        rescore_saved_predictions(cfg, dataset, shard, name_of, matrix)
+    else:
+        predict_and_save(cfg, info, dataset, shard, indices, name_of, colors, matrix)
+
+    if cfg.split != "test":
+        matrix.reduce()
+        scores = matrix.compute()
+        if info.is_main:
+            logger.info("results on %d images:\n%s", len(indices), format_scores_table(scores, names))
+            result = {"config": str(args.config), "model_path": cfg.model_path, "images": len(indices),
+                      "scales": cfg.scales, "flip": cfg.flip, **scores.as_dict(names)}
+            (save / "metrics.json").write_text(json.dumps(result, indent=2))
+            logger.info("scores written to %s", save / "metrics.json")
+    barrier()
+    if info.is_main:
+        logger.info("predictions in %s and %s", save / "gray", save / "color")
+    cleanup_distributed()
+
+
+def predict_and_save(cfg, info, dataset, shard, indices, name_of, colors, matrix) -> None:
+    """Run the model on this process's shard, write PNGs and accumulate the confusion matrix."""
+    model = load_model(cfg, info.device)
+    long_sizes = [round(s * cfg.base_size) for s in cfg.scales]
+    loader = DataLoader(ScaledImages(dataset, shard, long_sizes), batch_size=None, shuffle=False,
+                        num_workers=min(4, len(shard)), prefetch_factor=2 if shard else None,
+                        pin_memory=info.device.type == "cuda")
+    vis_first = set(indices[:cfg.vis_count])
+    progress = Progress(len(shard))
+    log_every = max(1, len(shard) // 20)
+    for done, (index, image, label, scaled) in enumerate(loader, start=1):
+        probs = multi_scale_predict(model, [np.asarray(s) for s in scaled], tuple(image.shape[:2]), cfg.classes,
+                                    cfg.test_h, cfg.test_w, cfg.stride_rate, cfg.flip, cfg.test_batch_size,
+                                    info.device, channels_last=cfg.channels_last)
+        pred = probs.argmax(0)
+        if label is not None:
+            matrix.update(pred, torch.as_tensor(np.asarray(label)).to(info.device))
+        pred = pred.to(torch.uint8).cpu().numpy()
+        name = name_of[index]
+        write_png(Path(cfg.save_folder) / "gray" / f"{name}.png", pred)
+        if colors is not None:
+            color = colorize(pred, colors)
+            write_png(Path(cfg.save_folder) / "color" / f"{name}.png", color)
+            if index in vis_first:
+                truth = None if label is None else colorize(np.asarray(label), colors)
+                write_png(Path(cfg.save_folder) / "vis" / f"{name}.png", side_by_side(np.asarray(image), color, truth))
+        if done % log_every == 0 or done == len(shard):
+            logger.info("test %s", progress.line(done))
+
+
+def rescore_saved_predictions(cfg, dataset, shard, name_of, matrix) -> None:
+    """TEST.has_prediction: score save_folder/gray/<name>.png against the labels, no model needed."""
+    if cfg.split == "test":
+        raise ConfigError("TEST.has_prediction scores saved predictions, which needs labels; TEST.split is test")
+    gray = Path(cfg.save_folder) / "gray"
+    for index in shard:
+        path = gray / f"{name_of[index]}.png"
+        if not path.is_file():
+            raise DataError(f"TEST.has_prediction: prediction {path} for {dataset.entries[index].image_path} "
+                            "does not exist; run without has_prediction first")
+        pred = read_label(str(path))
+        _, label, _ = dataset.load_raw(index)
+        if pred.shape != label.shape:
+            raise DataError(f"prediction {path} is {pred.shape[1]}x{pred.shape[0]} but its label is "
+                            f"{label.shape[1]}x{label.shape[0]}")
+        if pred.max() >= cfg.classes:
+            raise DataError(f"prediction {path} holds class {int(pred.max())}, outside 0..{cfg.classes - 1}")
+        matrix.update_numpy(pred, label)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,108 @@
+"""Multi-scale sliding-window inference with flip, as semseg's test.py, batched on the device.
+
+For each scale: resize the image so its long side is round(scale * base_size), pad it to at least
+one window with the mean (split evenly), slide a test_h x test_w window with stride
+ceil(window * stride_rate) (the last window aligned to the far edge), average each window's softmax
+with that of its horizontal flip, average overlapping windows, crop the padding off, resize the
+class-probability map (bilinear) to the original size; then average the scales and take the argmax.
+
+Unlike the reference, all windows of an image (and their flips) go through the network in batches
+of `batch_size`, and accumulation, resizing and argmax stay on the device in float32.
+"""
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from util.transform import MEAN, STD
+
+
+def scaled_size(h: int, w: int, long_size: int) -> tuple[int, int]:
+    """(new_h, new_w) with the long side equal to long_size, keeping the aspect ratio (semseg's rounding)."""
+    if h > w:
+        return long_size, round(long_size / float(h) * w)
+    return round(long_size / float(w) * h), long_size
+
+
+def window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """Window offsets along one side of `size` >= crop; the last window ends at the far edge."""
+    count = int(math.ceil(float(size - crop) / stride) + 1)
+    return [min(i * stride + crop, size) - crop for i in range(count)]
+
+
+def window_grid(h: int, w: int, crop_h: int, crop_w: int, stride_rate: float) -> list[tuple[int, int]]:
+    """Top-left corners of the sliding windows over an (already padded) h x w image."""
+    stride_h, stride_w = int(math.ceil(crop_h * stride_rate)), int(math.ceil(crop_w * stride_rate))
+    return [(y, x) for y in window_starts(h, crop_h, stride_h) for x in window_starts(w, crop_w, stride_w)]
+
+
+def resize_image(image: np.ndarray, long_size: int) -> np.ndarray:
+    """The reference's per-scale image resize (cv2, linear), done on the host or in a data worker."""
+    h, w = image.shape[:2]
+    new_h, new_w = scaled_size(h, w, long_size)
+    return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+
+
+def normalise(image: np.ndarray) -> torch.Tensor:
+    """float32 RGB HxWx3 (0..255) -> normalised 3xHxW tensor."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    mean = torch.tensor(MEAN, dtype=tensor.dtype).view(3, 1, 1)
+    std = torch.tensor(STD, dtype=tensor.dtype).view(3, 1, 1)
+    return (tensor - mean) / std
+
+
+@torch.inference_mode()
+def sliding_window_predict(model: torch.nn.Module, image: torch.Tensor, classes: int, crop_h: int, crop_w: int,
+                           stride_rate: float = 2 / 3, flip: bool = True, batch_size: int = 8,
+                           channels_last: bool = False) -> torch.Tensor:
+    """Class probabilities (classes, H, W) of one normalised 3xHxW image, on the image's device.
+
+    Padding with zeros in normalised space equals the reference's padding with the mean.
+    """
+    _, h, w = image.shape
+    pad_h, pad_w = max(crop_h - h, 0), max(crop_w - w, 0)
+    top, left = pad_h // 2, pad_w // 2
+    padded = F.pad(image, (left, pad_w - left, top, pad_h - top)) if pad_h or pad_w else image
+    ph, pw = padded.shape[1:]
+    probs = torch.zeros(classes, ph, pw, device=image.device, dtype=image.dtype)
+    count = torch.zeros(1, ph, pw, device=image.device, dtype=image.dtype)
+    grid = window_grid(ph, pw, crop_h, crop_w, stride_rate)
+    per_forward = max(1, batch_size // 2) if flip else batch_size  # flips ride in the same batch
+    for first in range(0, len(grid), per_forward):
+        corners = grid[first:first + per_forward]
+        crops = torch.stack([padded[:, y:y + crop_h, x:x + crop_w] for y, x in corners])
+        batch = torch.cat([crops, crops.flip(3)]) if flip else crops
+        if channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        logits = model(batch).to(image.dtype)
+        if logits.shape[-2:] != (crop_h, crop_w):
+            logits = F.interpolate(logits, (crop_h, crop_w), mode="bilinear", align_corners=True)
+        out = logits.softmax(1)
+        if flip:
+            n = len(corners)
+            out = (out[:n] + out[n:].flip(3)) / 2
+        for (y, x), p in zip(corners, out):
+            probs[:, y:y + crop_h, x:x + crop_w] += p
+            count[:, y:y + crop_h, x:x + crop_w] += 1
+    probs /= count
+    return probs[:, top:top + h, left:left + w]
+
+
+def multi_scale_predict(model: torch.nn.Module, scaled_images: list[np.ndarray], out_size: tuple[int, int],
+                        classes: int, crop_h: int, crop_w: int, stride_rate: float = 2 / 3, flip: bool = True,
+                        batch_size: int = 8, device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.float32, channels_last: bool = False) -> torch.Tensor:
+    """Mean over scales of the probability maps resized to out_size (H, W): (classes, H, W) on device."""
+    total = torch.zeros(classes, *out_size, device=device, dtype=dtype)
+    for image in scaled_images:
+        tensor = normalise(image).to(device=device, dtype=dtype, non_blocking=True)
+        probs = sliding_window_predict(model, tensor, classes, crop_h, crop_w, stride_rate, flip, batch_size,
+                                       channels_last)
+        if probs.shape[1:] != out_size:
+            probs = F.interpolate(probs[None], out_size, mode="bilinear", align_corners=False)[0]
+        total += probs
+    return total / len(scaled_images)

@@ -1,0 +1,90 @@
+"""Class names and colours (semseg's *_names.txt / *_colors.txt), colour PNGs and output file names."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from util.errors import DataError
+
+
+def _read_lines(path: str, what: str) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{what} file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{what} file {path} is not UTF-8 text") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def read_names(path: str, classes: int) -> list[str]:
+    """One class name per line (TEST.names_path); the count must equal DATA.classes."""
+    names = _read_lines(path, "TEST.names_path")
+    if len(names) != classes:
+        raise DataError(f"TEST.names_path {path} has {len(names)} names but DATA.classes is {classes}")
+    return names
+
+
+def read_colors(path: str, classes: int) -> np.ndarray:
+    """(classes, 3) uint8 RGB from lines `R G B` (TEST.colors_path)."""
+    rows = []
+    for number, line in enumerate(_read_lines(path, "TEST.colors_path"), start=1):
+        parts = line.replace(",", " ").split()
+        if len(parts) != 3 or not all(p.isdigit() and int(p) <= 255 for p in parts):
+            raise DataError(f"TEST.colors_path {path} line {number}: expected `R G B` with values 0..255, got {line!r}")
+        rows.append([int(p) for p in parts])
+    if len(rows) != classes:
+        raise DataError(f"TEST.colors_path {path} has {len(rows)} colours but DATA.classes is {classes}")
+    return np.array(rows, dtype=np.uint8)
+
+
+def colorize(label: np.ndarray, colors: np.ndarray) -> np.ndarray:
+    """Class ids -> RGB image; ids without a colour (ignore) are black."""
+    table = np.zeros((256, 3), dtype=np.uint8)
+    table[:len(colors)] = colors
+    return table[label]
+
+
+def side_by_side(image: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
+    """image | prediction | ground truth (if any), RGB uint8, separated by a white bar."""
+    h = image.shape[0]
+    bar = np.full((h, 4, 3), 255, dtype=np.uint8)
+    parts = [np.clip(image, 0, 255).astype(np.uint8), bar, prediction]
+    if truth is not None:
+        parts += [bar, truth]
+    return np.concatenate(parts, axis=1)
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    """Write an 8-bit PNG (RGB arrays are converted to OpenCV's BGR) via a temporary file and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if array.ndim == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    ok, data = cv2.imencode(".png", array)
+    if not ok:
+        raise DataError(f"could not encode {path}")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data.tobytes())
+    os.replace(tmp, path)
+
+
+def output_names(image_paths: list[str], data_root: str) -> list[str]:
+    """Prediction names under save_folder: the image's base name, or, when two images share one,
+    their path relative to data_root (so neither overwrites the other). Names never leave
+    save_folder: a path outside data_root becomes its base name plus a short hash of the path."""
+    stems = [Path(p).stem for p in image_paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    names = []
+    for path, stem in zip(image_paths, stems):
+        rel = os.path.relpath(os.path.abspath(path), os.path.abspath(data_root))
+        if rel.startswith(os.pardir) or os.path.isabs(rel):
+            digest = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
+            names.append(f"{stem}_{digest}")
+        else:
+            names.append(str(Path(rel).with_suffix("")).replace(os.sep, "/"))
+    return names
