@@ -1,5 +1,4 @@
 """Batched sliding-window inference equals a per-window float64 reference written like semseg's test.py."""
-import math
 
 import cv2
 import numpy as np
@@ -10,7 +9,7 @@ from torch import nn
 
 from util.inference import multi_scale_predict, resize_image, scaled_size, window_grid
 from util.palette import output_names
-from util.transform import MEAN, STD
+from util.reference_inference import reference_predict
 
 
 class TinySegNet(nn.Module):
@@ -27,54 +26,6 @@ class TinySegNet(nn.Module):
         h, w = x.shape[-2:]
         out = self.body(x)
         return F.interpolate(out, ((h - 1) // 8 * 8 + 1, (w - 1) // 8 * 8 + 1), mode="bilinear", align_corners=True)
-
-
-def reference_predict(model, image, classes, crop_h, crop_w, base_size, scales, stride_rate, flip):
-    """semseg's algorithm, one window at a time, in float64 numpy."""
-    mean, std = np.array(MEAN), np.array(STD)
-
-    def net_process(crop):
-        x = (torch.from_numpy(crop.transpose(2, 0, 1)).double() - torch.tensor(mean).view(3, 1, 1)) \
-            / torch.tensor(std).view(3, 1, 1)
-        x = x.unsqueeze(0)
-        if flip:
-            x = torch.cat([x, x.flip(3)], 0)
-        with torch.no_grad():
-            out = model(x)
-        if out.shape[-2:] != x.shape[-2:]:
-            out = F.interpolate(out, x.shape[-2:], mode="bilinear", align_corners=True)
-        out = F.softmax(out, dim=1)
-        out = (out[0] + out[1].flip(2)) / 2 if flip else out[0]
-        return out.numpy().transpose(1, 2, 0)
-
-    def scale_process(img, h, w):
-        ori_h, ori_w = img.shape[:2]
-        pad_h, pad_w = max(crop_h - ori_h, 0), max(crop_w - ori_w, 0)
-        ph, pw = pad_h // 2, pad_w // 2
-        if pad_h or pad_w:
-            img = cv2.copyMakeBorder(img, ph, pad_h - ph, pw, pad_w - pw, cv2.BORDER_CONSTANT, value=mean.tolist())
-        new_h, new_w = img.shape[:2]
-        sh, sw = int(math.ceil(crop_h * stride_rate)), int(math.ceil(crop_w * stride_rate))
-        gh, gw = int(math.ceil(float(new_h - crop_h) / sh) + 1), int(math.ceil(float(new_w - crop_w) / sw) + 1)
-        pred = np.zeros((new_h, new_w, classes), float)
-        count = np.zeros((new_h, new_w), float)
-        for ih in range(gh):
-            for iw in range(gw):
-                e_h, e_w = min(ih * sh + crop_h, new_h), min(iw * sw + crop_w, new_w)
-                s_h, s_w = e_h - crop_h, e_w - crop_w
-                count[s_h:e_h, s_w:e_w] += 1
-                pred[s_h:e_h, s_w:e_w, :] += net_process(img[s_h:e_h, s_w:e_w].astype(np.float64))
-        pred /= count[..., None]
-        pred = pred[ph:ph + ori_h, pw:pw + ori_w]
-        return cv2.resize(pred, (w, h), interpolation=cv2.INTER_LINEAR)
-
-    h, w = image.shape[:2]
-    total = np.zeros((h, w, classes), float)
-    for scale in scales:
-        long_size = round(scale * base_size)
-        new_h, new_w = (long_size, round(long_size / float(h) * w)) if h > w else (round(long_size / float(w) * h), long_size)
-        total += scale_process(cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR), h, w)
-    return total / len(scales)
 
 
 CASES = [  # (h, w, scales, flip, base_size): smaller than the crop, portrait, landscape, multi-scale

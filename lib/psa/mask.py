@@ -11,7 +11,7 @@ entry is 0. The reference implementation compiled this as a C++/CUDA extension; 
 index_select with an index tensor built once per geometry and cached, so it runs on any device and
 dtype and autograd supplies the backward pass.
 
-`psa_mask_reference` is the slow, literal loop definition: tests and tool/bench_psa.py compare
+`psa_mask_reference` is the slow, literal loop definition: tests and tool/benchmark.py compare
 against it. Do not use it in models.
 """
 from functools import lru_cache

@@ -1,0 +1,248 @@
+"""Benchmark training, evaluation and the PSA op; prints markdown tables and writes JSON.
+
+  python tool/benchmark.py --quick                       # toy model on CPU, under a minute
+  python tool/benchmark.py --config=config/toy/toy_pspnet18.yaml
+  python tool/benchmark.py --train-layers 50 --train-crop 473 --train-batch 8 --train-samples 80 \
+      --eval-layers 50 --eval-classes 150 --eval-size 512x683 --eval-crop 473 --psa-size 465   # GPU rows
+
+(a) training: tool/train.py itself runs 2 short epochs per mode on the config's data and the
+    second epoch's "speed" line is read: images/s, data-wait share, peak host RSS, CUDA max
+    allocated; modes fp32 / bf16 / fp16 AMP, channels_last off / on.
+(b) evaluation: tool/test.py's batched sliding-window inference against the straightforward
+    per-window reference (util/reference_inference.py) on the same model and image, and the pure
+    network time (the same window batches through the model alone).
+(c) PSA op: psa_mask against its loop definition, and its share of a PSANet forward.
+The device is CUDA when available, else the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from lib.psa import psa_mask, psa_mask_reference  # noqa: E402
+from model.psanet import PSANet, default_psa_mask_size  # noqa: E402
+from model.pspnet import PSPNet  # noqa: E402
+from util.config import load_config  # noqa: E402
+from util.inference import multi_scale_predict, resize_image, window_grid  # noqa: E402
+from util.reference_inference import reference_predict  # noqa: E402
+
+SPEED_LINE = re.compile(r"epoch 2 speed: ([\d.]+) images/s, data wait ([\d.]+)% of iteration time, "
+                        r"peak host RSS (\d+) MiB, CUDA max allocated (\d+) MiB")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Best wall time in seconds over `repeats` runs after one warm-up."""
+    def timed() -> float:
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - start
+    timed()
+    return min(timed() for _ in range(repeats))
+
+
+def train_modes(device: torch.device, quick: bool) -> list[tuple[str, bool]]:
+    if quick:
+        return [("off", False), ("bf16", False)]
+    return [(amp, cl) for amp in ("off", "bf16", "fp16") for cl in (False, True)]
+
+
+def bench_training(config: str, layers: int, crop: int, batch: int, samples: int, device: torch.device,
+                   quick: bool) -> list[dict]:
+    """Run tool/train.py for 2 epochs per mode and read its epoch-2 speed line."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for amp, channels_last in train_modes(device, quick):
+            cmd = [sys.executable, str(REPO / "tool" / "train.py"), f"--config={config}", "TRAIN.epochs", "2",
+                   "TRAIN.evaluate", "False", "TRAIN.save_path", f"{tmp}/{amp}{int(channels_last)}",
+                   "TRAIN.amp", amp, "TRAIN.channels_last", str(channels_last), "TRAIN.batch_size", str(batch),
+                   "TRAIN.train_h", str(crop), "TRAIN.train_w", str(crop), "TRAIN.print_freq", "1000",
+                   "TRAIN.manual_seed", "0", "TRAIN.layers", str(layers),
+                   "DATA.train_list", subset_list(config, samples, tmp)]
+            out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+            found = SPEED_LINE.search(out.stdout)
+            row = {"amp": amp, "channels_last": channels_last}
+            if found is None:
+                row["error"] = (out.stderr.strip().splitlines() or ["no speed line"])[-1][:200]
+            else:
+                row.update(images_per_s=float(found[1]), data_wait_pct=float(found[2]),
+                           peak_rss_mib=int(found[3]), cuda_max_alloc_mib=int(found[4]))
+            rows.append(row)
+            print(f"  train amp={amp} channels_last={channels_last}: {row}", flush=True)
+    return rows
+
+
+def subset_list(config: str, samples: int, tmp: str) -> str:
+    """The first `samples` lines of the config's train_list, so an epoch is short."""
+    lines = Path(load_config(config).train_list).read_text().splitlines()
+    path = Path(tmp) / "train_subset.txt"
+    path.write_text("\n".join((lines * (samples // max(len(lines), 1) + 1))[:samples]) + "\n")
+    return str(path)
+
+
+class TimedModel(torch.nn.Module):
+    """Counts the seconds spent inside the wrapped model (synchronising on CUDA)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        super().__init__()
+        self.model, self.device, self.seconds = model, device, 0.0
+
+    def forward(self, x):
+        sync(self.device)
+        start = time.perf_counter()
+        out = self.model(x)
+        sync(self.device)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def bench_evaluation(layers: int, classes: int, size: tuple[int, int], crop: int, device: torch.device,
+                     repeats: int) -> dict:
+    """Seconds per image: batched (ours), per-window reference, and the network alone."""
+    torch.manual_seed(0)
+    model = PSPNet(layers=layers, classes=classes).to(device).eval()
+    rng = np.random.default_rng(0)
+    image = (rng.random((*size, 3)) * 255).astype(np.float32)
+    base_size = max(size)
+    scaled = [resize_image(image, base_size)]
+
+    def ours():
+        probs = multi_scale_predict(model, scaled, size, classes, crop, crop, 2 / 3, True, 8, device)
+        probs.argmax(0).cpu()
+
+    def reference():
+        reference_predict(model, image, classes, crop, crop, base_size, [1.0], 2 / 3, True, torch.float32,
+                          device).argmax(2)
+
+    timed = TimedModel(model, device)
+
+    def ours_network_share():
+        timed.seconds = 0.0
+        probs = multi_scale_predict(timed, scaled, size, classes, crop, crop, 2 / 3, True, 8, device)
+        probs.argmax(0).cpu()
+        return timed.seconds
+
+    with torch.inference_mode():
+        t_ours = best_time(ours, device, repeats)
+        t_ref = best_time(reference, device, max(1, repeats // 2))
+        network = min(ours_network_share() for _ in range(repeats))
+        total = best_time(ours_network_share, device, repeats)
+    windows = len(window_grid(max(size[0], crop), max(size[1], crop), crop, crop, 2 / 3))
+    return {"model": f"PSPNet-{layers}", "classes": classes, "image": f"{size[0]}x{size[1]}", "crop": crop,
+            "windows": windows, "ours_s": t_ours, "reference_s": t_ref, "speedup": t_ref / t_ours,
+            "network_s": network, "overhead_pct": 100 * max(0.0, total - network) / total}
+
+
+def bench_psa(size: int, loop_side: int, device: torch.device, repeats: int) -> dict:
+    """psa_mask vs its loop definition on a small map, and its share of a PSANet-50 eval forward."""
+    mask = 2 * loop_side - 1
+    x = torch.randn(1, mask * mask, loop_side, loop_side, device=device)
+    loop = {}
+    for psa_type in ("collect", "distribute"):
+        fast = best_time(lambda: psa_mask(x, psa_type, mask, mask), device, repeats)
+        slow = best_time(lambda: psa_mask_reference(x, psa_type, mask, mask), device, 1)
+        loop[psa_type] = {"psa_mask_ms": fast * 1e3, "loop_ms": slow * 1e3, "speedup": slow / fast}
+    side_mask = default_psa_mask_size(size, compact=False, shrink_factor=2)
+    model = PSANet(layers=50, classes=21, psa_type=2, mask_h=side_mask, mask_w=side_mask).to(device).eval()
+    captured = {}
+    for name in ("attention", "attention_p"):
+        getattr(model.psa, name).register_forward_hook(
+            lambda module, inputs, output, name=name: captured.__setitem__(name, output))
+    image = torch.randn(1, 3, size, size, device=device)
+    with torch.inference_mode():
+        forward = best_time(lambda: model(image), device, repeats)
+        masks = best_time(lambda: (psa_mask(captured["attention"], "collect", side_mask, side_mask),
+                                   psa_mask(captured["attention_p"], "distribute", side_mask, side_mask)),
+                          device, repeats)
+    return {"loop": loop, "psanet50_input": size, "mask": side_mask, "forward_ms": forward * 1e3,
+            "psa_mask_ms": masks * 1e3, "share_pct": 100 * masks / forward}
+
+
+def print_tables(result: dict) -> None:
+    print(f"\ndevice: {result['device']}, torch {result['torch']}, threads {result['threads']}")
+    if result.get("training"):
+        print("\n| AMP | channels_last | images/s | data wait | peak RSS (MiB) | CUDA max alloc (MiB) |")
+        print("|---|---|---|---|---|---|")
+        for r in result["training"]:
+            if "error" in r:
+                print(f"| {r['amp']} | {r['channels_last']} | error: {r['error']} | | | |")
+            else:
+                print(f"| {r['amp']} | {r['channels_last']} | {r['images_per_s']:.2f} | {r['data_wait_pct']:.1f}% "
+                      f"| {r['peak_rss_mib']} | {r['cuda_max_alloc_mib']} |")
+    for e in result.get("evaluation", []):
+        print("\n| model | image | windows | ours (s/img) | reference (s/img) | speed-up | network (s) | overhead |")
+        print("|---|---|---|---|---|---|---|---|")
+        print(f"| {e['model']} {e['classes']} cl. | {e['image']} crop {e['crop']} | {e['windows']} x2 flip "
+              f"| {e['ours_s']:.3f} | {e['reference_s']:.3f} | {e['speedup']:.2f}x | {e['network_s']:.3f} "
+              f"| {e['overhead_pct']:.1f}% |")
+    if result.get("psa"):
+        p = result["psa"]
+        print(f"\n| PSA op | collect | distribute |\n|---|---|---|\n| psa_mask (ms) | {p['loop']['collect']['psa_mask_ms']:.3f} "
+              f"| {p['loop']['distribute']['psa_mask_ms']:.3f} |\n| loop reference (ms) | "
+              f"{p['loop']['collect']['loop_ms']:.1f} | {p['loop']['distribute']['loop_ms']:.1f} |")
+        print(f"\nPSANet-50 forward at {p['psanet50_input']}x{p['psanet50_input']} (mask {p['mask']}): "
+              f"{p['forward_ms']:.1f} ms, psa_mask x2 {p['psa_mask_ms']:.2f} ms = {p['share_pct']:.2f}%")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes: under a minute on a CPU")
+    parser.add_argument("--train-config", default="config/toy/toy_pspnet18.yaml", help="config for (a)")
+    parser.add_argument("--train-layers", type=int, default=18, help="ResNet depth for (a)")
+    parser.add_argument("--train-crop", type=int, default=97, help="training crop side for (a)")
+    parser.add_argument("--train-batch", type=int, default=8, help="global batch for (a)")
+    parser.add_argument("--train-samples", type=int, default=0, help="samples per epoch for (a); 0 = 4 batches")
+    parser.add_argument("--eval-layers", type=int, default=18, help="PSPNet depth for (b)")
+    parser.add_argument("--eval-classes", type=int, default=6, help="classes for (b)")
+    parser.add_argument("--eval-size", default="160x200", help="image HxW for (b)")
+    parser.add_argument("--eval-crop", type=int, default=97, help="window side for (b)")
+    parser.add_argument("--psa-size", type=int, default=233, help="PSANet-50 input side for (c)")
+    parser.add_argument("--only", default="train,eval,psa", help="comma list of sections to run")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (best kept)")
+    parser.add_argument("--json", default="exp/benchmark.json", help="where to write the JSON")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sections = set(args.only.split(","))
+    if args.quick:
+        args.train_samples, args.psa_size, args.eval_size, args.repeats = 16, 129, "120x150", 1
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{os.cpu_count()}",
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args)}
+    if "train" in sections:
+        print("training ...", flush=True)
+        result["training"] = bench_training(args.train_config, args.train_layers, args.train_crop, args.train_batch,
+                                            args.train_samples or 4 * args.train_batch, device, args.quick)
+    if "eval" in sections:
+        print("evaluation ...", flush=True)
+        h, w = (int(v) for v in args.eval_size.split("x"))
+        result["evaluation"] = [bench_evaluation(args.eval_layers, args.eval_classes, (h, w), args.eval_crop,
+                                                 device, args.repeats)]
+    if "psa" in sections:
+        print("PSA op ...", flush=True)
+        result["psa"] = bench_psa(args.psa_size, 6 if args.quick else 10, device, args.repeats)
+    print_tables(result)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"\nJSON written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Segment one image or a folder of images: gray, colour and overlay PNGs.
+
+  python tool/demo.py --config=config/toy/toy_pspnet18.yaml --image=dataset/toy/images/val/toy_val_00000.jpg
+  python tool/demo.py --config=config/ade20k/ade20k_pspnet50.yaml --image=photos/ TEST.scales '[1.0]'
+
+Uses TEST.model_path, TEST.scales, TEST.base_size, the window TEST.test_h x test_w and
+TEST.colors_path; writes <output>/<name>_gray.png, _color.png and _overlay.png (default output:
+TEST.save_folder/demo) and prints each path. CUDA when available, else CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from model import build_model  # noqa: E402
+from model.weights import load_model_weights  # noqa: E402
+from util.checkpoint import check_writable  # noqa: E402
+from util.cli import Progress, run_main, setup_logging  # noqa: E402
+from util.config import add_config_arguments, load_config  # noqa: E402
+from util.errors import ConfigError, DataError  # noqa: E402
+from util.image_io import read_image_rgb  # noqa: E402
+from util.inference import multi_scale_predict, resize_image  # noqa: E402
+from util.palette import colorize, read_colors, write_png  # noqa: E402
+
+logger = logging.getLogger("demo")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def find_images(path: Path) -> list[Path]:
+    """The image itself, or the images directly inside a folder (sorted)."""
+    if path.is_dir():
+        images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise DataError(f"--image {path}: the folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return images
+    if not path.is_file():
+        raise DataError(f"--image {path} does not exist")
+    return [path]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image", required=True, help="an image file or a folder of images")
+    parser.add_argument("--output", default="", help="output folder (default TEST.save_folder/demo)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the colour mask in the overlay")
+    add_config_arguments(parser)
+    args = parser.parse_args()
+    setup_logging()
+    cfg = load_config(args.config, args.opts)
+    if not cfg.model_path:
+        raise ConfigError("TEST.model_path is not set: the demo needs a trained checkpoint")
+    if not cfg.colors_path:
+        raise ConfigError("TEST.colors_path is not set: the demo needs class colours for its PNGs")
+    colors = read_colors(cfg.colors_path, cfg.classes)
+    images = find_images(Path(args.image))
+    output = Path(args.output or Path(cfg.save_folder) / "demo")
+    check_writable(output, "--output")
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(cfg)
+    load_model_weights(model, cfg.model_path, "TEST.model_path", trust_pickle=cfg.trust_pickle)
+    model = model.to(device).eval()
+    long_sizes = [round(s * cfg.base_size) for s in cfg.scales]
+    progress = Progress(len(images))
+    for done, path in enumerate(images, start=1):
+        image = read_image_rgb(str(path))
+        probs = multi_scale_predict(model, [resize_image(image, s) for s in long_sizes], image.shape[:2], cfg.classes,
+                                    cfg.test_h, cfg.test_w, cfg.stride_rate, cfg.flip, cfg.test_batch_size, device)
+        pred = probs.argmax(0).to(torch.uint8).cpu().numpy()
+        color = colorize(pred, colors)
+        overlay = (image * (1 - args.alpha) + color * args.alpha).clip(0, 255).astype(np.uint8)
+        for suffix, array in (("gray", pred), ("color", color), ("overlay", overlay)):
+            out = output / f"{path.stem}_{suffix}.png"
+            write_png(out, array)
+            print(out)
+        if len(images) > 1:
+            logger.info("demo %s", progress.line(done))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,19 @@
+#!/bin/sh
+# Evaluate an experiment with its config's TEST settings (model_path, save_folder, scales).
+#   sh tool/test.sh ade20k pspnet50 [SECTION.key value ...]
+#   NPROC=4 sh tool/test.sh cityscapes pspnet101        (shards the list over 4 processes)
+set -e
+if [ $# -lt 2 ]; then
+  echo "usage: sh tool/test.sh <dataset> <exp_name> [SECTION.key value ...]" >&2
+  exit 2
+fi
+PYTHON=${PYTHON:-python}
+dataset=$1
+exp_name=$2
+shift 2
+config=config/${dataset}/${dataset}_${exp_name}.yaml
+[ -f "$config" ] || { echo "error: config $config does not exist" >&2; exit 2; }
+NPROC=${NPROC:-1}
+mkdir -p "exp/${dataset}/${exp_name}"
+cp tool/test.sh tool/test.py "$config" "exp/${dataset}/${exp_name}"
+$PYTHON -m torch.distributed.run --standalone --nproc_per_node="$NPROC" tool/test.py --config="$config" "$@"

@@ -1,0 +1,26 @@
+#!/bin/sh
+# semseg-style experiment: train, then evaluate, in exp/<dataset>/<exp_name>/.
+#   sh tool/train.sh ade20k pspnet50          (config/ade20k/ade20k_pspnet50.yaml)
+#   NPROC=4 sh tool/train.sh voc2012 psanet101 TRAIN.batch_size 8
+# One process per GPU through torchrun (NPROC defaults to the visible GPUs, 1 on a CPU machine).
+# Extra arguments are config overrides for train.py. Logs: exp/<dataset>/<exp>/model/train-*.log and
+# the evaluation's save_folder/test-*.log (both written by the scripts themselves).
+set -e
+if [ $# -lt 2 ]; then
+  echo "usage: sh tool/train.sh <dataset> <exp_name> [SECTION.key value ...]" >&2
+  exit 2
+fi
+PYTHON=${PYTHON:-python}
+dataset=$1
+exp_name=$2
+shift 2
+config=config/${dataset}/${dataset}_${exp_name}.yaml
+exp_dir=exp/${dataset}/${exp_name}
+[ -f "$config" ] || { echo "error: config $config does not exist" >&2; exit 2; }
+NPROC=${NPROC:-$($PYTHON -c "import torch; print(max(1, torch.cuda.device_count()))")}
+mkdir -p "$exp_dir"
+cp tool/train.sh tool/train.py tool/test.py "$config" "$exp_dir"   # what produced this experiment
+
+$PYTHON -m torch.distributed.run --standalone --nproc_per_node="$NPROC" tool/train.py --config="$config" \
+  TRAIN.save_path "$exp_dir/model" "$@"
+$PYTHON tool/test.py --config="$config"
