@@ -119,13 +119,19 @@ def load_backbone_weights(model: nn.Module, path: PathLike, config_key: str,
 
 def load_model_weights(model: nn.Module, path: PathLike, config_key: str, strict: bool = True,
                        trust_pickle: bool = False) -> LoadReport:
-    """Load a full segmentation checkpoint.
+    """Load a full segmentation checkpoint file (see load_model_state)."""
+    return load_model_state(model, load_checkpoint(path, config_key, trust_pickle), path, config_key, strict)
+
+
+def load_model_state(model: nn.Module, checkpoint: Any, path: PathLike, config_key: str,
+                     strict: bool = True) -> LoadReport:
+    """Put the weights of an already loaded checkpoint (from `path`) into the model.
 
     A different class count or any shape clash is a CheckpointError; missing/unexpected keys are one
     when strict, else a warning (still an error when most of the backbone would stay random).
     """
     model_state = model.state_dict()
-    state = _to_model_names(load_state_dict_file(path, config_key, trust_pickle), model_state, path, config_key)
+    state = _to_model_names(extract_state_dict(checkpoint, path, config_key), model_state, path, config_key)
     _check_class_count(state, model_state, path)
     report = _compare(state, model_state)
     if report.mismatched or (strict and not report.clean()):

@@ -64,6 +64,7 @@ def main() -> None:
     check_writable(output, "--output")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg.pretrained_backbone = ""  # the checkpoint replaces the ImageNet weights: do not read them
     model = build_model(cfg)
     load_model_weights(model, cfg.model_path, "TEST.model_path", trust_pickle=cfg.trust_pickle)
     model = model.to(device).eval()

@@ -72,6 +72,7 @@ def parse_args() -> argparse.Namespace:
 def load_model(cfg: Config, device: torch.device) -> torch.nn.Module:
     if not cfg.model_path:
         raise ConfigError("TEST.model_path is not set: evaluation needs a checkpoint (or TEST.has_prediction True)")
+    cfg.pretrained_backbone = ""  # the checkpoint replaces the ImageNet weights: do not read them
     model = build_model(cfg)
     load_model_weights(model, cfg.model_path, "TEST.model_path", trust_pickle=cfg.trust_pickle)
     model = model.to(device).eval()
@@ -129,6 +130,7 @@ def main() -> None:
 def predict_and_save(cfg, info, dataset, shard, indices, name_of, colors, matrix) -> None:
     """Run the model on this process's shard, write PNGs and accumulate the confusion matrix."""
     model = load_model(cfg, info.device)
+    torch.backends.cudnn.benchmark = True  # every window has the same size
     long_sizes = [round(s * cfg.base_size) for s in cfg.scales]
     loader = DataLoader(ScaledImages(dataset, shard, long_sizes), batch_size=None, shuffle=False,
                         num_workers=min(4, len(shard)), prefetch_factor=2 if shard else None,

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import logging
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -29,9 +30,10 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from lib.sync_bn import convert_sync_batchnorm  # noqa: E402
 from model import build_model  # noqa: E402
-from model.weights import load_checkpoint, load_model_weights  # noqa: E402
-from util.checkpoint import (BEST_FILE, atomic_save, check_writable, prune_checkpoints, resolve_resume,  # noqa: E402
-                             rng_state, set_rng_state, with_module_prefix)
+from model.weights import load_checkpoint, load_model_state, load_model_weights  # noqa: E402
+from util.checkpoint import (BEST_FILE, atomic_save, check_training_checkpoint, check_writable,  # noqa: E402
+                             checkpoints_to_come, epoch_checkpoints, prune_checkpoints, remove_stale_temporaries,
+                             resolve_resume, rng_state, set_rng_state, with_module_prefix)
 from util.cli import Progress, run_main, setup_logging  # noqa: E402
 from util.config import Config, add_config_arguments, describe_schema, load_config  # noqa: E402
 from util.dataset import SemSegDataset, build_label_lut  # noqa: E402
@@ -139,10 +141,10 @@ def save_checkpoint(cfg: Config, epoch: int, iteration: int, net, optimizer, sca
     state = {"epoch": epoch, "iteration": iteration, "state_dict": with_module_prefix(net.state_dict()),
              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "best_miou": best_miou,
              "rng": rng_state(), "config": cfg.to_dict()}
+    if is_best:  # before the epoch file: a crash in between then redoes this epoch and rewrites best.pth
+        atomic_save(state, Path(cfg.save_path) / BEST_FILE)
     path = Path(cfg.save_path) / f"train_epoch_{epoch}.pth"
     atomic_save(state, path)
-    if is_best:
-        atomic_save(state, Path(cfg.save_path) / BEST_FILE)
     prune_checkpoints(cfg.save_path, cfg.keep_checkpoints)
     return path
 
@@ -158,6 +160,8 @@ def train_worker(cfg: Config) -> None:
     if info.is_main:
         cfg.save(save_path / "config.yaml")
         logger.info("resolved config saved to %s", save_path / "config.yaml")
+        for stale in remove_stale_temporaries(save_path):
+            logger.info("removed %s, an unfinished checkpoint of an interrupted run", stale.name)
 
     seed = cfg.manual_seed
     if seed is None:  # one random seed shared by all processes, logged so the run can be repeated
@@ -168,6 +172,7 @@ def train_worker(cfg: Config) -> None:
             seed = box[0]
         logger.info("TRAIN.manual_seed not set; using %d", seed)
     torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest kernels
     if info.device.type == "cpu" and info.world_size > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
 
@@ -175,14 +180,16 @@ def train_worker(cfg: Config) -> None:
     optimizer = build_optimizer(net, cfg.base_lr, cfg.momentum, cfg.weight_decay)
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.amp == "fp16")
     param_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
-    if info.is_main:  # model + momentum, twice (epoch file and best.pth), keep_checkpoints deep
-        check_writable(save_path, "TRAIN.save_path", need_bytes=2 * param_bytes * (cfg.keep_checkpoints + 1))
+    if info.is_main:  # a checkpoint holds the model and its momentum
+        check_writable(save_path, "TRAIN.save_path",
+                       need_bytes=2 * param_bytes * checkpoints_to_come(save_path, cfg.keep_checkpoints))
 
     start_epoch, best_miou = cfg.start_epoch, -1.0
     resume_path = resolve_resume(cfg.resume, save_path)
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path, "TRAIN.resume", cfg.trust_pickle)
-        net.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
+        check_training_checkpoint(ckpt, resume_path)
+        load_model_state(net, ckpt, resume_path, "TRAIN.resume")
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
@@ -217,7 +224,10 @@ def train_worker(cfg: Config) -> None:
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
         model.train()
-        train_one_epoch(cfg, info, model, train_loader, optimizer, scaler, epoch, steps, max_iter, progress, writer)
+        epoch_start = time.perf_counter()
+        wait = train_one_epoch(cfg, info, model, train_loader, optimizer, scaler, epoch, steps, max_iter, progress,
+                               writer)
+        log_epoch_speed(epoch, steps * cfg.batch_size, time.perf_counter() - epoch_start, wait, info.device)
         is_best = False
         if val_loader is not None:
             scores = validate(net, val_loader, cfg, info)  # unwrapped: shards may differ in length
@@ -241,18 +251,29 @@ def train_worker(cfg: Config) -> None:
     cleanup_distributed()
 
 
-def train_one_epoch(cfg, info, model, loader, optimizer, scaler, epoch, steps, max_iter, progress, writer) -> None:
-    """One pass over the global batches; host-device syncs only at print_freq."""
+def log_epoch_speed(epoch: int, images: int, seconds: float, data_wait: float, device: torch.device) -> None:
+    """The numbers tool/benchmark.py reads: throughput, data-wait share, peak memory."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+    logger.info("epoch %d speed: %.2f images/s, data wait %.1f%% of iteration time, peak host RSS %.0f MiB, "
+                "CUDA max allocated %.0f MiB", epoch + 1, images / seconds, 100 * data_wait / seconds, rss, cuda)
+
+
+def train_one_epoch(cfg, info, model, loader, optimizer, scaler, epoch, steps, max_iter, progress, writer) -> float:
+    """One pass over the global batches; host-device syncs only at print_freq. Returns seconds spent
+    waiting for data."""
     device = info.device
     stats = torch.zeros(4, device=device, dtype=torch.float64)  # main loss, aux loss, correct px, valid px
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
-    data_time = batch_time = 0.0
+    data_time = batch_time = total_wait = 0.0
     logged_steps = 0
     batches = iter(loader)
     end = time.perf_counter()
     for step in range(steps):
         micro = [next(batches) for _ in range(cfg.accum_steps)]
-        data_time += time.perf_counter() - end
+        waited = time.perf_counter() - end
+        data_time += waited
+        total_wait += waited
         images = [m[0].to(device, non_blocking=True) for m in micro]
         labels = [label_at_output_size(m[1].to(device, non_blocking=True), cfg.zoom_factor) for m in micro]
         if cfg.channels_last:
@@ -299,6 +320,7 @@ def train_one_epoch(cfg, info, model, loader, optimizer, scaler, epoch, steps, m
             data_time = batch_time = 0.0
             logged_steps = 0
         end = time.perf_counter()
+    return total_wait
 
 
 def check_finite(first_bad: torch.Tensor, epoch: int, steps: int, info: DistInfo, cfg: Config) -> None:
@@ -311,10 +333,13 @@ def check_finite(first_bad: torch.Tensor, epoch: int, steps: int, info: DistInfo
     step = int(flag.item())
     if step >= 0:
         iteration = epoch * steps + step + 1
+        saved = epoch_checkpoints(cfg.save_path)
+        last = (f"the last good checkpoint {saved[-1][1]} is intact" if saved else
+                f"no checkpoint had been saved in {cfg.save_path} yet")
         raise TrainingDiverged(
             f"loss became NaN/inf at iteration {iteration} (epoch {epoch + 1}, step {step + 1}); stopped without "
-            f"saving. The last good checkpoint in {cfg.save_path} is intact; lower TRAIN.base_lr "
-            f"({cfg.base_lr}) or check the data, then resume with TRAIN.resume auto")
+            f"saving; {last}. Lower TRAIN.base_lr ({cfg.base_lr}) or check the data, then resume with "
+            f"TRAIN.resume auto")
 
 
 def spawn_worker(local_rank: int, cfg: Config, gpus: list[int]) -> None:

@@ -21,7 +21,9 @@ from util.errors import CheckpointError, UserError
 
 logger = logging.getLogger(__name__)
 EPOCH_FILE = re.compile(r"^train_epoch_(\d+)\.pth$")
+TEMPORARY_FILE = re.compile(r"^\..+\.tmp\d+$")  # atomic_save's name while writing
 BEST_FILE = "best.pth"
+TRAINING_STATE_KEYS = ("epoch", "state_dict", "optimizer", "scaler", "best_miou", "rng")
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -34,15 +36,36 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save turns a failed write (full disk) into a RuntimeError
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; "
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        raise CheckpointError(f"could not write checkpoint {path} ({reason}){_free_space(path.parent)}; "
                               f"earlier checkpoints in {path.parent} are intact") from None
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        return f"; {shutil.disk_usage(folder).free / 2**20:.0f} MiB free on its disk"
+    except OSError:
+        return ""
+
+
+def remove_stale_temporaries(save_path: str | Path) -> list[Path]:
+    """Delete what atomic_save left behind when its process was killed mid-write; call at start-up,
+    before this run saves anything. Such files are never read (their names are not final) but
+    each is as big as a checkpoint."""
+    folder = Path(save_path)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if TEMPORARY_FILE.match(p.name)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def epoch_checkpoints(save_path: str | Path) -> list[tuple[int, Path]]:
@@ -60,6 +83,13 @@ def prune_checkpoints(save_path: str | Path, keep: int) -> None:
         path.unlink(missing_ok=True)
 
 
+def checkpoints_to_come(save_path: str | Path, keep: int) -> int:
+    """How many more checkpoint-sized files save_path must take at a save's peak: `keep` epoch files,
+    the new one, best.pth and its replacement while written, less those already there."""
+    present = min(len(epoch_checkpoints(save_path)), keep) + (Path(save_path) / BEST_FILE).is_file()
+    return keep + 3 - present
+
+
 def resolve_resume(resume: str, save_path: str | Path) -> Path | None:
     """TRAIN.resume: '' -> None; 'auto' -> newest complete checkpoint in save_path or None; else the path."""
     if not resume:
@@ -71,6 +101,14 @@ def resolve_resume(resume: str, save_path: str | Path) -> Path | None:
     if not path.is_file():
         raise CheckpointError(f"TRAIN.resume: checkpoint {path} does not exist")
     return path
+
+
+def check_training_checkpoint(checkpoint: Any, path: str | Path) -> None:
+    """TRAIN.resume needs a file written by tool/train.py, not weights alone (CheckpointError)."""
+    missing = [key for key in TRAINING_STATE_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"TRAIN.resume: {path} is not a training checkpoint of tool/train.py (it lacks "
+                              f"{', '.join(missing)}); to start from its weights, use TRAIN.weight instead")
 
 
 def rng_state() -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -23,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 SECTIONS = ("DATA", "TRAIN", "Distributed", "TEST")
 REQUIRED = object()  # default of keys that every config must set
+# YAML 1.1 reads 1e-4 and 1e10 (no dot) as strings; semseg's literal parsing read them as numbers.
+EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,11 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _as_number(v: Any) -> Any:
+    """An exponent literal that YAML left as a string (1e-4) as a float; anything else unchanged."""
+    return float(v) if isinstance(v, str) and EXPONENT_NUMBER.fullmatch(v.strip()) else v
+
+
 def coerce_value(field: Field, value: Any, where: str) -> Any:
     """Check `value` against the field's type (ints are accepted as floats) or raise ConfigError."""
     key = f"{field.section}.{field.name}"
@@ -168,6 +176,10 @@ def coerce_value(field: Field, value: Any, where: str) -> Any:
         if field.optional:
             return None
         raise bad
+    if field.kind == "float":
+        value = _as_number(value)
+    elif field.kind == "float_list" and isinstance(value, (list, tuple)):
+        value = [_as_number(v) for v in value]
     if field.kind == "int" and _is_int(value):
         out = value
     elif field.kind == "float" and (_is_int(value) or isinstance(value, float)):
