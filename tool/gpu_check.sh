@@ -19,6 +19,6 @@ python -m torch.distributed.run --standalone --nproc_per_node=1 tool/train.py \
   TRAIN.batch_size 8 TRAIN.epochs 1 TRAIN.sync_bn True TRAIN.amp bf16 TRAIN.channels_last True \
   TRAIN.print_freq 1 DATA.train_list "$out/train32.txt" TRAIN.save_path "$out/pspnet50" 2>&1 \
   | tee "$out/pspnet50_torchrun.log"
-python tool/benchmark.py --train-layers 50 --train-crop 473 --train-batch 8 --train-samples 80 \
+python tool/benchmark.py --train-layers 50 --train-crop 473 --train-batch 8 --train-samples 48 \
   --eval-layers 50 --eval-classes 150 --eval-size 512x683 --eval-crop 473 --psa-size 465 \
   --json "$out/benchmark.json" 2>&1 | tee "$out/benchmark.log"
