@@ -1,6 +1,7 @@
 """tool/test.py end to end on the tiny toy data: outputs, 2 processes == 1, re-scoring saved PNGs."""
 import json
 import sys
+from pathlib import Path
 
 import cv2
 import pytest
@@ -83,3 +84,17 @@ def test_index_slice_and_same_base_names(tiny_toy, tmp_path, checkpoint):
     assert out.returncode == 0, out.stderr[-3000:]
     gray = tmp_path / "result" / "gray"
     assert sorted(str(p.relative_to(gray)) for p in gray.rglob("*.png")) == ["a/x.png", "b/x.png"]
+
+
+def test_demo_writes_gray_color_and_overlay(tiny_toy, tmp_path, checkpoint):
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_toy, TEST={"model_path": str(checkpoint), "scales": [1.0]})
+    image = tiny_toy / "images" / "val" / "toy_val_00003.jpg"
+    out = run_tool("demo.py", f"--config={cfg}", f"--image={image}", "--output", str(tmp_path / "demo"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    printed = [line for line in out.stdout.splitlines() if line.endswith(".png")]  # log lines share stdout
+    assert [Path(p).name for p in printed] == [f"toy_val_00003_{s}.png" for s in ("gray", "color", "overlay")]
+    h, w = cv2.imread(str(image)).shape[:2]
+    assert cv2.imread(printed[0], cv2.IMREAD_UNCHANGED).shape == (h, w)
+    assert cv2.imread(printed[2]).shape == (h, w, 3)
+    out = run_tool("demo.py", f"--config={cfg}", f"--image={tmp_path / 'nothing.jpg'}")
+    assert out.returncode == 2 and "does not exist" in out.stderr

@@ -123,3 +123,24 @@ def test_config_typo_is_one_line(tiny_toy, tmp_path):
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "base_lrr" in lines[0] and "did you mean base_lr" in lines[0]
+
+
+def test_loader_and_sync_optimisations_do_not_change_results(tiny_toy, tmp_path):
+    """Workers with persistent prefetching and rare host syncs (print_freq) give the very same weights
+    as the plain loop. channels_last changes convolution round-off only: compared after one step,
+    before this tiny net's training amplifies round-off (see the two-process test)."""
+    (tmp_path / "train4.txt").write_text("".join((tiny_toy / "train.txt").read_text().splitlines(True)[:4]))
+    one_step = {"train_list": str(tmp_path / "train4.txt")}
+    runs = {"plain": ({}, {"workers": 0, "print_freq": 1}),
+            "fast": ({}, {"workers": 2, "print_freq": 100}),
+            "plain_1step": (one_step, {"workers": 0}),
+            "channels_last_1step": (one_step, {"workers": 2, "channels_last": True})}
+    weights = {}
+    for name, (data, train) in runs.items():
+        cfg = write_config(tmp_path / name / "cfg.yaml", tiny_toy, DATA=data,
+                           TRAIN={"epochs": 1, "base_lr": 0.0005, "train_h": 49, "train_w": 49, **train})
+        out = run_tool("train.py", f"--config={cfg}")
+        assert out.returncode == 0, out.stderr[-3000:]
+        weights[name] = final_weights(tmp_path / name / "model", 1)
+    assert_same_weights(weights["plain"], weights["fast"], atol=0)
+    assert_same_weights(weights["plain_1step"], weights["channels_last_1step"], atol=1e-5)

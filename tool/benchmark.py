@@ -67,7 +67,7 @@ def train_modes(device: torch.device, quick: bool) -> list[tuple[str, bool]]:
 
 
 def bench_training(config: str, layers: int, crop: int, batch: int, samples: int, device: torch.device,
-                   quick: bool) -> list[dict]:
+                   quick: bool, extra: list[str]) -> list[dict]:
     """Run tool/train.py for 2 epochs per mode and read its epoch-2 speed line."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,7 +77,7 @@ def bench_training(config: str, layers: int, crop: int, batch: int, samples: int
                    "TRAIN.amp", amp, "TRAIN.channels_last", str(channels_last), "TRAIN.batch_size", str(batch),
                    "TRAIN.train_h", str(crop), "TRAIN.train_w", str(crop), "TRAIN.print_freq", "1000",
                    "TRAIN.manual_seed", "0", "TRAIN.layers", str(layers),
-                   "DATA.train_list", subset_list(config, samples, tmp)]
+                   "DATA.train_list", subset_list(config, samples, tmp), *extra]
             out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
             found = SPEED_LINE.search(out.stdout)
             row = {"amp": amp, "channels_last": channels_last}
@@ -212,6 +212,7 @@ def main() -> None:
     parser.add_argument("--train-crop", type=int, default=97, help="training crop side for (a)")
     parser.add_argument("--train-batch", type=int, default=8, help="global batch for (a)")
     parser.add_argument("--train-samples", type=int, default=0, help="samples per epoch for (a); 0 = 4 batches")
+    parser.add_argument("--train-extra", default="", help="more train.py overrides for (a), e.g. 'TRAIN.workers 0'")
     parser.add_argument("--eval-layers", type=int, default=18, help="PSPNet depth for (b)")
     parser.add_argument("--eval-classes", type=int, default=6, help="classes for (b)")
     parser.add_argument("--eval-size", default="160x200", help="image HxW for (b)")
@@ -230,7 +231,8 @@ def main() -> None:
     if "train" in sections:
         print("training ...", flush=True)
         result["training"] = bench_training(args.train_config, args.train_layers, args.train_crop, args.train_batch,
-                                            args.train_samples or 4 * args.train_batch, device, args.quick)
+                                            args.train_samples or 4 * args.train_batch, device, args.quick,
+                                            args.train_extra.split())
     if "eval" in sections:
         print("evaluation ...", flush=True)
         h, w = (int(v) for v in args.eval_size.split("x"))

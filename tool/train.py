@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+from tensorboardX import SummaryWriter  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from lib.sync_bn import convert_sync_batchnorm  # noqa: E402
@@ -43,6 +44,7 @@ from util.errors import ConfigError, UserError  # noqa: E402
 from util.loss import count_valid, label_at_output_size, segmentation_loss  # noqa: E402
 from util.metrics import ConfusionMatrix, format_scores_table  # noqa: E402
 from util.optim import build_optimizer, set_poly_lr  # noqa: E402
+from util.palette import read_names  # noqa: E402
 from util.transform import build_train_transform, build_val_transform  # noqa: E402
 
 logger = logging.getLogger("train")
@@ -155,8 +157,7 @@ def train_worker(cfg: Config) -> None:
     if info.is_main:
         check_writable(save_path, "TRAIN.save_path")
     setup_logging(save_path / f"train-{time.strftime('%Y%m%d_%H%M%S')}.log" if info.is_main else None, info.is_main)
-    logger.info("config %s, %d process(es) on %s", cfg.source("data_root").split(" line")[0],
-                info.world_size, info.device)
+    logger.info("training with %d process(es) on %s", info.world_size, info.device)
     if info.is_main:
         cfg.save(save_path / "config.yaml")
         logger.info("resolved config saved to %s", save_path / "config.yaml")
@@ -214,10 +215,7 @@ def train_worker(cfg: Config) -> None:
     logger.info("global batch %d = %d process(es) x %d accumulation step(s) x %d; %d steps/epoch, %d epochs; "
                 "%d data workers per process", cfg.batch_size, info.world_size, cfg.accum_steps,
                 sampler.micro_batch_size, steps, cfg.epochs, workers)
-    writer = None
-    if info.is_main:
-        from tensorboardX import SummaryWriter
-        writer = SummaryWriter(str(save_path))
+    writer = SummaryWriter(str(save_path)) if info.is_main else None
 
     progress = Progress(max_iter, start=start_epoch * steps)
     scores = None
@@ -244,7 +242,8 @@ def train_worker(cfg: Config) -> None:
         if info.distributed:
             dist.barrier()  # no process starts the next epoch before the checkpoint is complete
     if scores is not None:
-        logger.info("final validation:\n%s", format_scores_table(scores))
+        names = read_names(cfg.names_path, cfg.classes) if cfg.names_path else None
+        logger.info("final validation:\n%s", format_scores_table(scores, names))
     if writer is not None:
         writer.close()
     logger.info("training done: %s", save_path)
