@@ -48,3 +48,13 @@ def run_tool(script: str, *args: str, launcher: list[str] | None = None, timeout
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = (launcher or [sys.executable]) + [str(REPO_ROOT / "tool" / script), *args]
     return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def assert_one_line_error(out: subprocess.CompletedProcess, *fragments: str) -> str:
+    """A user mistake: exit status 2 and exactly one `error: ...` line on stderr holding each fragment."""
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

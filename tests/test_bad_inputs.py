@@ -3,7 +3,6 @@ stderr naming the culprit; the traceback appears only under --debug / SEMSEG_DEB
 path rules: list entries may leave data_root only when allowed, and outputs never leave save_folder.
 """
 import shutil
-import subprocess
 from pathlib import Path
 
 import cv2
@@ -11,20 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_tool, write_config
+from conftest import assert_one_line_error, run_tool, write_config
 from model import build_model
 from util.config import load_config
 
 SAMPLES = ("toy_val_00000", "toy_val_00001")
-
-
-def assert_one_line_error(out: subprocess.CompletedProcess, *fragments: str) -> str:
-    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import util.checkpoint as checkpoint
-from conftest import REPO_ROOT, run_tool, write_config
+from conftest import REPO_ROOT, assert_one_line_error, run_tool, write_config
 from model import build_model
 from util.config import load_config
 from util.errors import CheckpointError
@@ -171,15 +171,6 @@ def test_killing_one_of_two_processes_ends_the_job_naming_the_rank(tiny_toy, tmp
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*exitcode\s*:\s*-9", root_cause), output[-3000:]
     with pytest.raises(ProcessLookupError):  # the surviving rank was stopped too, not left running
         os.kill(workers[0], 0)
-
-
-def assert_one_line_error(out: subprocess.CompletedProcess, *fragments: str) -> str:
-    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def test_unwritable_save_path_and_save_folder_fail_before_any_work(tiny_toy, tmp_path):

@@ -76,3 +76,15 @@ def test_output_names_keep_relative_path_on_clashes(tmp_path):
     assert output_names([f"{root}/a/x.jpg", f"{root}/b/x.jpg"], root) == ["a/x", "b/x"]
     names = output_names([f"{root}/a/x.jpg", "/elsewhere/x.jpg"], root)
     assert names[0] == "a/x" and names[1].startswith("x_") and "/" not in names[1] and ".." not in names[1]
+
+
+def test_many_classes_as_ade20k():
+    """150 classes: the probability maps are resized with every channel (OpenCV takes few per call)."""
+    classes, crop = 150, 33
+    image = (np.random.default_rng(3).random((40, 52, 3)) * 255).astype(np.float32)
+    model = TinySegNet(classes, 3).eval()
+    ours = multi_scale_predict(model, [resize_image(image, s) for s in (39, 65)], (40, 52), classes, crop, crop)
+    ref = reference_predict(model.double(), image, classes, crop, crop, 52, [0.75, 1.25], 2 / 3, True)
+    ours = ours.numpy().transpose(1, 2, 0)
+    assert np.abs(ours - ref).max() < 1e-5
+    assert np.array_equal(ours.argmax(2), ref.argmax(2))

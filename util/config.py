@@ -122,7 +122,7 @@ SCHEMA: tuple[Field, ...] = (
     _f("TEST", "scales", "float_list", [1.0], "evaluation scales, averaged"),
     _f("TEST", "flip", "bool", True, "average each window with its horizontal flip"),
     _f("TEST", "stride_rate", "float", 2.0 / 3.0, "window stride as a fraction of the window"),
-    _f("TEST", "test_batch_size", "int", 8, "windows per network forward"),
+    _f("TEST", "test_batch_size", "int", 0, "windows (flips included) per network forward; 0 = 8 on GPU, 2 on CPU"),
     _f("TEST", "has_prediction", "bool", False, "score the PNGs already in save_folder/gray without a model"),
     _f("TEST", "index_start", "int", 0, "first list line to evaluate"),
     _f("TEST", "index_step", "int", 0, "number of list lines to evaluate; 0 = to the end"),
@@ -385,7 +385,8 @@ def validate_config(cfg: Config) -> None:
     _check(len(cfg.scales) > 0 and all(s > 0 for s in cfg.scales), cfg, "scales",
            "expected a non-empty list of positive scales, e.g. [1.0] or [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]")
     _check(0 < cfg.stride_rate <= 1, cfg, "stride_rate", "expected a fraction in (0, 1]")
-    for key in ("batch_size", "batch_size_val", "accum_steps", "epochs", "base_size", "test_batch_size",
+    _check(cfg.test_batch_size >= 0, cfg, "test_batch_size", "expected 0 (auto) or a positive integer")
+    for key in ("batch_size", "batch_size_val", "accum_steps", "epochs", "base_size",
                 "print_freq", "save_freq", "keep_checkpoints"):
         _check(getattr(cfg, key) >= 1, cfg, key, "expected a positive integer")
     _check(cfg.base_lr > 0, cfg, "base_lr", "expected a positive learning rate")

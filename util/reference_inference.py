@@ -15,6 +15,14 @@ import torch.nn.functional as F
 from util.transform import MEAN, STD
 
 
+def resize_channels(array: np.ndarray, w: int, h: int) -> np.ndarray:
+    """cv2.resize (linear) of an HxWxC array with any C: OpenCV 5 takes at most a few channels per
+    call (semseg's OpenCV took 150), and resizing is per channel, so chunks give the same result."""
+    chunks = [cv2.resize(array[..., i:i + 4], (w, h), interpolation=cv2.INTER_LINEAR)
+              for i in range(0, array.shape[2], 4)]
+    return np.concatenate([c.reshape(h, w, -1) for c in chunks], axis=2)
+
+
 def reference_predict(model: torch.nn.Module, image: np.ndarray, classes: int, crop_h: int, crop_w: int,
                       base_size: int, scales: list[float], stride_rate: float = 2 / 3, flip: bool = True,
                       dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> np.ndarray:
@@ -58,7 +66,7 @@ def reference_predict(model: torch.nn.Module, image: np.ndarray, classes: int, c
                 pred[s_h:e_h, s_w:e_w, :] += net_process(img[s_h:e_h, s_w:e_w].astype(np.float64))
         pred /= count[..., None]
         pred = pred[ph:ph + ori_h, pw:pw + ori_w]
-        return cv2.resize(pred, (w, h), interpolation=cv2.INTER_LINEAR)
+        return resize_channels(pred, w, h)
 
     h, w = image.shape[:2]
     total = np.zeros((h, w, classes), float)
