@@ -38,7 +38,7 @@ from util.checkpoint import (BEST_FILE, atomic_save, check_training_checkpoint, 
 from util.cli import Progress, run_main, setup_logging  # noqa: E402
 from util.config import Config, add_config_arguments, describe_schema, load_config  # noqa: E402
 from util.dataset import SemSegDataset, build_label_lut  # noqa: E402
-from util.distributed import (DistInfo, GlobalBatchSampler, cleanup_distributed, detect_launch,  # noqa: E402
+from util.distributed import (DistInfo, GlobalBatchSampler, broadcast_object, cleanup_distributed, detect_launch,  # noqa: E402
                               init_distributed, shard_indices)
 from util.errors import ConfigError, UserError  # noqa: E402
 from util.loss import count_valid, label_at_output_size, segmentation_loss  # noqa: E402
@@ -166,11 +166,7 @@ def train_worker(cfg: Config) -> None:
 
     seed = cfg.manual_seed
     if seed is None:  # one random seed shared by all processes, logged so the run can be repeated
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        if info.distributed:
-            box = [seed]
-            dist.broadcast_object_list(box, src=0)
-            seed = box[0]
+        seed = broadcast_object(int(torch.randint(0, 2**31 - 1, ()).item()))
         logger.info("TRAIN.manual_seed not set; using %d", seed)
     torch.manual_seed(seed)
     torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest kernels

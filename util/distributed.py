@@ -201,29 +201,9 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def is_main_process() -> bool:
-    return rank() == 0
-
-
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
-
-
-def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum `tensor` over all processes in place and return it (it must be on a device the
-    backend supports: CUDA for nccl, CPU for gloo)."""
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

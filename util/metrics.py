@@ -102,9 +102,6 @@ class ConfusionMatrix:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(self.mat)
 
-    def reset(self) -> None:
-        self.mat = None
-
     def compute(self) -> SegScores:
         if self.mat is None:
             return scores_from_confusion(np.zeros((self.classes, self.classes), np.int64))
