@@ -12,6 +12,7 @@
     per-window reference (util/reference_inference.py) on the same model and image, and the pure
     network time (the same window batches through the model alone).
 (c) PSA op: psa_mask against its loop definition, and its share of a PSANet forward.
+(d) memory (--only memory): peak memory of one multi-scale evaluation of one image.
 The device is CUDA when available, else the CPU.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -153,6 +155,26 @@ def bench_evaluation(layers: int, classes: int, size: tuple[int, int], crop: int
             "network_s": network, "overhead_pct": 100 * max(0.0, total - network) / total}
 
 
+def bench_memory(layers: int, classes: int, size: tuple[int, int], crop: int, scales: list[float],
+                 device: torch.device) -> dict:
+    """Peak memory of one multi-scale evaluation of one image (host RSS growth, CUDA max allocated)."""
+    torch.manual_seed(0)
+    model = PSPNet(layers=layers, classes=classes).to(device).eval()
+    image = (np.random.default_rng(0).random((*size, 3)) * 255).astype(np.float32)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    with torch.inference_mode():
+        scaled = [resize_image(image, round(s * max(size))) for s in scales]
+        multi_scale_predict(model, scaled, size, classes, crop, crop, 2 / 3, True, 0, device).argmax(0).cpu()
+    seconds = time.perf_counter() - start
+    return {"model": f"PSPNet-{layers}", "classes": classes, "image": f"{size[0]}x{size[1]}", "crop": crop,
+            "scales": scales, "seconds": seconds,
+            "host_rss_growth_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before,
+            "cuda_max_alloc_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0}
+
+
 def bench_psa(size: int, loop_side: int, device: torch.device, repeats: int) -> dict:
     """psa_mask vs its loop definition on a small map, and its share of a PSANet-50 eval forward."""
     mask = 2 * loop_side - 1
@@ -195,6 +217,11 @@ def print_tables(result: dict) -> None:
         print(f"| {e['model']} {e['classes']} cl. | {e['image']} crop {e['crop']} | {e['windows']} x2 flip "
               f"| {e['ours_s']:.3f} | {e['reference_s']:.3f} | {e['speedup']:.2f}x | {e['network_s']:.3f} "
               f"| {e['overhead_pct']:.1f}% |")
+    if result.get("memory"):
+        m = result["memory"]
+        print(f"\nmemory: {m['model']} {m['classes']} classes, {m['image']} image, window {m['crop']}, scales "
+              f"{m['scales']}: host RSS +{m['host_rss_growth_mib']:.0f} MiB, CUDA max allocated "
+              f"{m['cuda_max_alloc_mib']:.0f} MiB, {m['seconds']:.1f} s")
     if result.get("psa"):
         p = result["psa"]
         print(f"\n| PSA op | collect | distribute |\n|---|---|---|\n| psa_mask (ms) | {p['loop']['collect']['psa_mask_ms']:.3f} "
@@ -217,8 +244,9 @@ def main() -> None:
     parser.add_argument("--eval-classes", type=int, default=6, help="classes for (b)")
     parser.add_argument("--eval-size", default="160x200", help="image HxW for (b)")
     parser.add_argument("--eval-crop", type=int, default=97, help="window side for (b)")
+    parser.add_argument("--eval-scales", default="0.5,0.75,1.0,1.25,1.5,1.75", help="scales for the memory section")
     parser.add_argument("--psa-size", type=int, default=233, help="PSANet-50 input side for (c)")
-    parser.add_argument("--only", default="train,eval,psa", help="comma list of sections to run")
+    parser.add_argument("--only", default="train,eval,psa", help="comma list of sections: train, eval, memory, psa")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (best kept)")
     parser.add_argument("--json", default="exp/benchmark.json", help="where to write the JSON")
     args = parser.parse_args()
@@ -238,6 +266,11 @@ def main() -> None:
         h, w = (int(v) for v in args.eval_size.split("x"))
         result["evaluation"] = [bench_evaluation(args.eval_layers, args.eval_classes, (h, w), args.eval_crop,
                                                  device, args.repeats)]
+    if "memory" in sections:
+        print("evaluation memory ...", flush=True)
+        h, w = (int(v) for v in args.eval_size.split("x"))
+        result["memory"] = bench_memory(args.eval_layers, args.eval_classes, (h, w), args.eval_crop,
+                                        [float(v) for v in args.eval_scales.split(",")], device)
     if "psa" in sections:
         print("PSA op ...", flush=True)
         result["psa"] = bench_psa(args.psa_size, 6 if args.quick else 10, device, args.repeats)
