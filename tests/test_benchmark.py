@@ -13,3 +13,12 @@ def test_quick_eval_and_psa_sections_write_tables_and_json(tmp_path):
     assert 0 <= evaluation["overhead_pct"] <= 100
     assert result["psa"]["loop"]["collect"]["speedup"] > 1
     assert "| model | image |" in out.stdout and "psa_mask" in out.stdout
+
+
+def test_memory_section_reports_peak_growth(tmp_path):
+    out = run_tool("benchmark.py", "--only", "memory", "--eval-size", "40x52", "--eval-crop", "33",
+                   "--eval-scales", "0.5,1.0", "--json", str(tmp_path / "m.json"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    memory = json.loads((tmp_path / "m.json").read_text())["memory"]
+    assert memory["scales"] == [0.5, 1.0] and memory["host_rss_growth_mib"] >= 0
+    assert "host RSS +" in out.stdout
