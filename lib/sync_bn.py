@@ -33,7 +33,7 @@ def local_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
     if count == 0:
         zeros = torch.zeros(channels, dtype=torch.float64, device=x.device)
         return 0, zeros, zeros.clone()
-    var, mean = torch.var_mean(x, dim=_REDUCE_DIMS, correction=0)
+    var, mean = torch.var_mean(x.float(), dim=_REDUCE_DIMS, correction=0)  # bf16/fp16 means lose digits
     return count, mean.double(), var.double() * count
 
 

@@ -133,3 +133,11 @@ def test_attribute_typo_in_code_is_an_error(base_cfg):
     cfg = load_config(base_cfg)
     with pytest.raises(AttributeError, match="did you mean base_lr"):
         cfg.base_lrr
+
+
+def test_config_survives_pickling_for_spawned_processes(base_cfg):
+    import copy
+    import pickle
+    cfg = load_config(base_cfg, ["TRAIN.base_lr", "0.02"])
+    for clone in (pickle.loads(pickle.dumps(cfg)), copy.deepcopy(cfg)):
+        assert clone.to_dict() == cfg.to_dict() and clone.source("base_lr") == "override"

@@ -88,3 +88,8 @@ def test_many_classes_as_ade20k():
     ours = ours.numpy().transpose(1, 2, 0)
     assert np.abs(ours - ref).max() < 1e-5
     assert np.array_equal(ours.argmax(2), ref.argmax(2))
+
+
+def test_output_names_same_stem_other_extension(tmp_path):
+    names = output_names([f"{tmp_path}/a/x.jpg", f"{tmp_path}/a/x.png", f"{tmp_path}/b/x.jpg"], str(tmp_path))
+    assert len(set(names)) == 3 and names[2] == "b/x" and all(n.startswith("a/x_") for n in names[:2])

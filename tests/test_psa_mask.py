@@ -79,3 +79,13 @@ def test_channel_count_must_equal_mask_area():
 def test_unknown_type_is_rejected():
     with pytest.raises(ValueError, match="psa_type"):
         psa_mask(torch.randn(1, 9, 4, 4), 2, 3, 3)
+
+
+def test_index_cached_under_inference_mode_still_trains():
+    """Evaluation (inference mode) may fill the index cache first; training must still backpropagate."""
+    x = torch.randn(1, 9, 5, 6)
+    with torch.inference_mode():
+        psa_mask(x, "collect", 3, 3)
+    y = x.clone().requires_grad_()
+    psa_mask(y, "collect", 3, 3).sum().backward()
+    assert y.grad is not None

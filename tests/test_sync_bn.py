@@ -210,3 +210,10 @@ def test_cuda_conversion_defers_to_torch_syncbatchnorm():
 def test_unsupported_device_is_named():
     with pytest.raises(ValueError, match="got 'meta'"):
         convert_sync_batchnorm(_model_with_batchnorms(), "meta")
+
+
+def test_moments_of_low_precision_input_are_computed_in_float32():
+    x = (100.3 + torch.randn(4, 3, 8, 8)).to(torch.bfloat16)
+    count, mean, _ = local_moments(x)
+    assert count == 4 * 8 * 8
+    torch.testing.assert_close(mean, x.double().mean(dim=(0, 2, 3)), atol=1e-3, rtol=0)

@@ -106,7 +106,7 @@ def main() -> None:
     logger.info("evaluating %d of %d images in %s with %d process(es) on %s; scales %s, flip %s",
                 len(indices), len(dataset), cfg.test_list, info.world_size, info.device, cfg.scales, cfg.flip)
 
-    matrix = ConfusionMatrix(cfg.classes, cfg.ignore_label)
+    matrix = ConfusionMatrix(cfg.classes, cfg.ignore_label, info.device)
     if cfg.has_prediction:
         rescore_saved_predictions(cfg, dataset, shard, name_of, matrix)
     else:

@@ -125,7 +125,7 @@ def autocast(cfg: Config, device: torch.device):
 def validate(model: torch.nn.Module, loader: DataLoader, cfg: Config, info: DistInfo):
     """Centre-crop validation on this process's shard; confusion matrices merged across processes."""
     model.eval()
-    matrix = ConfusionMatrix(cfg.classes, cfg.ignore_label)
+    matrix = ConfusionMatrix(cfg.classes, cfg.ignore_label, info.device)
     for image, label in loader:
         image = image.to(info.device, non_blocking=True)
         if cfg.channels_last:
@@ -255,8 +255,8 @@ def log_epoch_speed(epoch: int, images: int, seconds: float, data_wait: float, d
 
 
 def train_one_epoch(cfg, info, model, loader, optimizer, scaler, epoch, steps, max_iter, progress, writer) -> float:
-    """One pass over the global batches; host-device syncs only at print_freq. Returns seconds spent
-    waiting for data."""
+    """One pass over the global batches; host-device syncs only at print_freq (fp16's grad scaler
+    also checks for inf gradients every step). Returns seconds spent waiting for data."""
     device = info.device
     stats = torch.zeros(4, device=device, dtype=torch.float64)  # main loss, aux loss, correct px, valid px
     first_bad = torch.full((), -1, device=device, dtype=torch.long)

@@ -211,6 +211,8 @@ class Config:
         object.__setattr__(self, "_sources", sources)
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # unpickling looks for dunder methods before _values exists
+            raise AttributeError(name)
         try:
             return self._values[name]
         except KeyError:
@@ -221,6 +223,13 @@ class Config:
             raise AttributeError(f"no config key {name!r}{_suggest(name, FIELDS)}")
         self._values[name] = coerce_value(FIELDS[name], value, "code")
         self._sources[name] = "code"
+
+    def __getstate__(self) -> dict:
+        return {"_values": self._values, "_sources": self._sources}
+
+    def __setstate__(self, state: dict) -> None:
+        object.__setattr__(self, "_values", state["_values"])
+        object.__setattr__(self, "_sources", state["_sources"])
 
     def source(self, name: str) -> str:
         """Where a key's value came from: 'file line N', 'override' or 'default'."""

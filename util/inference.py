@@ -6,8 +6,9 @@ ceil(window * stride_rate) (the last window aligned to the far edge), average ea
 with that of its horizontal flip, average overlapping windows, crop the padding off, resize the
 class-probability map (bilinear) to the original size; then average the scales and take the argmax.
 
-Unlike the reference, all windows of an image (and their flips) go through the network in batches
-of `batch_size`, and accumulation, resizing and argmax stay on the device in float32.
+Unlike the reference, the windows of an image (and their flips) go through the network in batches
+of `batch_size`, and accumulation and resizing stay on the device (float32 by default), so the
+caller's argmax runs there too.
 """
 from __future__ import annotations
 

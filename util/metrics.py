@@ -80,9 +80,10 @@ def scores_from_confusion(conf) -> SegScores:
 class ConfusionMatrix:
     """Accumulates a confusion matrix on the device of the first update; merge with reduce()."""
 
-    def __init__(self, classes: int, ignore_label: int):
+    def __init__(self, classes: int, ignore_label: int, device: torch.device | str = "cpu"):
         self.classes = classes
         self.ignore_label = ignore_label
+        self.device = torch.device(device)  # where an empty matrix lives: NCCL reduces CUDA tensors only
         self.mat: torch.Tensor | None = None
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -97,8 +98,8 @@ class ConfusionMatrix:
 
     def reduce(self) -> None:
         """Sum the matrices of all processes (all must call this); no-op without a process group."""
-        if self.mat is None:
-            self.mat = torch.zeros(self.classes, self.classes, dtype=torch.long)
+        if self.mat is None:  # this process saw no images (more processes than images)
+            self.mat = torch.zeros(self.classes, self.classes, dtype=torch.long, device=self.device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(self.mat)
 

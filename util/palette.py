@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -79,12 +80,15 @@ def output_names(image_paths: list[str], data_root: str) -> list[str]:
     stems = [Path(p).stem for p in image_paths]
     if len(set(stems)) == len(stems):
         return stems
+    def digest(path: str) -> str:
+        return hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
+
     names = []
     for path, stem in zip(image_paths, stems):
         rel = os.path.relpath(os.path.abspath(path), os.path.abspath(data_root))
         if rel.startswith(os.pardir) or os.path.isabs(rel):
-            digest = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
-            names.append(f"{stem}_{digest}")
+            names.append(f"{stem}_{digest(path)}")
         else:
             names.append(str(Path(rel).with_suffix("")).replace(os.sep, "/"))
-    return names
+    counts = Counter(names)  # a/x.jpg and a/x.png still share a name: tell them apart by their path
+    return [f"{n}_{digest(p)}" if counts[n] > 1 else n for n, p in zip(names, image_paths)]

@@ -48,6 +48,12 @@ def _gather_index(height: int, width: int, mask_h: int, mask_w: int, type_code: 
     the pixel the window offset points at. Collect writes out[b, a], distribute out[a, b]; both
     read x[(b - a) + half, a].
     """
+    with torch.inference_mode(False):  # cached: an inference tensor here would break later backward passes
+        return _build_gather_index(height, width, mask_h, mask_w, type_code, device)
+
+
+def _build_gather_index(height: int, width: int, mask_h: int, mask_w: int, type_code: int,
+                        device: torch.device) -> torch.Tensor:
     pixels = height * width
     ah = torch.arange(height, device=device).view(1, 1, height, 1)
     aw = torch.arange(width, device=device).view(1, 1, 1, width)
