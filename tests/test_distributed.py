@@ -218,3 +218,13 @@ def test_works_as_dataloader_batch_sampler():
     batches = list(DataLoader(_KeyDataset(), batch_sampler=sampler))
     assert [b.tolist() for b in batches] == [[[e, i] for e, i in mb] for mb in sampler]
     assert all(b.shape == (2, 2) for b in batches) and len(batches) == 3
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"LOCAL_WORLD_SIZE": "4"}, 4),
+    ({"SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_NTASKS_PER_NODE": "2"}, 8),
+    ({"SLURM_NTASKS_PER_NODE": "2"}, 2),
+    ({}, 1),
+])
+def test_local_world_size_splits_workers_per_node(env, expected):
+    assert ud.local_world_size(env) == expected

@@ -144,3 +144,18 @@ def test_loader_and_sync_optimisations_do_not_change_results(tiny_toy, tmp_path)
         weights[name] = final_weights(tmp_path / name / "model", 1)
     assert_same_weights(weights["plain"], weights["fast"], atol=0)
     assert_same_weights(weights["plain_1step"], weights["channels_last_1step"], atol=1e-5)
+
+
+def test_fresh_run_moves_an_earlier_runs_checkpoints_aside(tiny_toy, tmp_path):
+    """A new run must not prune its own checkpoint in favour of an older run's higher epochs, nor
+    leave those for `resume auto`: they go to save_path/previous-<time>/, nothing is deleted."""
+    (tmp_path / "train4.txt").write_text("".join((tiny_toy / "train.txt").read_text().splitlines(True)[:4]))
+    cfg = write_config(tmp_path / "run" / "cfg.yaml", tiny_toy, DATA={"train_list": str(tmp_path / "train4.txt")},
+                       TRAIN={"epochs": 3, "keep_checkpoints": 1})
+    assert run_tool("train.py", f"--config={cfg}").returncode == 0
+    out = run_tool("train.py", f"--config={cfg}", "TRAIN.epochs", "1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    model_dir = tmp_path / "run" / "model"
+    assert [p.name for p in model_dir.glob("train_epoch_*.pth")] == ["train_epoch_1.pth"]
+    archived = list(model_dir.glob("previous-*/train_epoch_3.pth"))
+    assert len(archived) == 1 and "moved them to" in out.stdout + out.stderr

@@ -1,7 +1,7 @@
 """Benchmark training, evaluation and the PSA op; prints markdown tables and writes JSON.
 
   python tool/benchmark.py --quick                       # toy model on CPU, under a minute
-  python tool/benchmark.py --config=config/toy/toy_pspnet18.yaml
+  python tool/benchmark.py --train-config=config/toy/toy_pspnet18.yaml
   python tool/benchmark.py --train-layers 50 --train-crop 473 --train-batch 8 --train-samples 80 \
       --eval-layers 50 --eval-classes 150 --eval-size 512x683 --eval-crop 473 --psa-size 465   # GPU rows
 
@@ -62,7 +62,7 @@ def best_time(fn: Callable[[], object], device: torch.device, repeats: int) -> f
     return min(timed() for _ in range(repeats))
 
 
-def train_modes(device: torch.device, quick: bool) -> list[tuple[str, bool]]:
+def train_modes(quick: bool) -> list[tuple[str, bool]]:
     if quick:
         return [("off", False), ("bf16", False)]
     return [(amp, cl) for amp in ("off", "bf16", "fp16") for cl in (False, True)]
@@ -73,12 +73,13 @@ def bench_training(config: str, layers: int, crop: int, batch: int, samples: int
     """Run tool/train.py for 2 epochs per mode and read its epoch-2 speed line."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for amp, channels_last in train_modes(device, quick):
+        for amp, channels_last in train_modes(quick):
             cmd = [sys.executable, str(REPO / "tool" / "train.py"), f"--config={config}", "TRAIN.epochs", "2",
                    "TRAIN.evaluate", "False", "TRAIN.save_path", f"{tmp}/{amp}{int(channels_last)}",
                    "TRAIN.amp", amp, "TRAIN.channels_last", str(channels_last), "TRAIN.batch_size", str(batch),
                    "TRAIN.train_h", str(crop), "TRAIN.train_w", str(crop), "TRAIN.print_freq", "1000",
                    "TRAIN.manual_seed", "0", "TRAIN.layers", str(layers),
+                   "Distributed.multiprocessing_distributed", "False",  # one process: single-device rows
                    "DATA.train_list", subset_list(config, samples, tmp), *extra]
             out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
             found = SPEED_LINE.search(out.stdout)

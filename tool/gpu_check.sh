@@ -5,6 +5,7 @@
 #   3. tool/benchmark.py at PSPNet-50 sizes (crop 473, batch 8; 150 classes on a 512x683 image).
 #   bash tool/gpu_check.sh [output folder, default exp/gpu_check]
 set -uo pipefail
+rc=0  # every step runs; the script fails if any step did
 cd "$(dirname "$0")/.."
 out=${1:-exp/gpu_check}
 mkdir -p "$out"
@@ -12,13 +13,14 @@ export PYTHONUNBUFFERED=1
 nvidia-smi -L 2>&1 | tee "$out/device.txt"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/device.txt"
 python tool/make_toy_dataset.py
-python -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log"
+python -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log" || rc=1
 head -32 dataset/toy/train.txt > "$out/train32.txt"
 python -m torch.distributed.run --standalone --nproc_per_node=1 tool/train.py \
   --config=config/toy/toy_pspnet18.yaml TRAIN.layers 50 TRAIN.train_h 473 TRAIN.train_w 473 \
   TRAIN.batch_size 8 TRAIN.epochs 1 TRAIN.sync_bn True TRAIN.amp bf16 TRAIN.channels_last True \
   TRAIN.print_freq 1 DATA.train_list "$out/train32.txt" TRAIN.save_path "$out/pspnet50" 2>&1 \
-  | tee "$out/pspnet50_torchrun.log"
+  | tee "$out/pspnet50_torchrun.log" || rc=1
 python tool/benchmark.py --train-layers 50 --train-crop 473 --train-batch 8 --train-samples 48 \
   --eval-layers 50 --eval-classes 150 --eval-size 512x683 --eval-crop 473 --psa-size 465 \
-  --json "$out/benchmark.json" 2>&1 | tee "$out/benchmark.log"
+  --json "$out/benchmark.json" 2>&1 | tee "$out/benchmark.log" || rc=1
+exit $rc

@@ -259,8 +259,11 @@ def _find_sbd(args: argparse.Namespace) -> Path | None:
     markers, containers = ["cls", "train.txt", "val.txt"], ["benchmark_RELEASE/dataset", "dataset"]
     if args.sbd:
         return find_layout(Path(args.sbd), containers, markers, "SBD (benchmark_RELEASE)")
-    beside = Path(args.src) / "benchmark_RELEASE" / "dataset"
-    return beside if all((beside / m).exists() for m in markers) else None
+    for folder in (Path(args.src), Path(args.src).resolve().parent):  # inside --src, or beside VOCdevkit
+        candidate = folder / "benchmark_RELEASE" / "dataset"
+        if all((candidate / m).exists() for m in markers):
+            return candidate
+    return None
 
 
 def plan_voc2012(args: argparse.Namespace) -> Plan:

@@ -13,11 +13,12 @@ $PYTHON tool/make_toy_dataset.py
 echo "== training (CUDA if available, else CPU)"
 $PYTHON tool/train.py --config=$config TRAIN.resume auto "$@"
 echo "== multi-scale sliding-window evaluation"
-$PYTHON tool/test.py --config=$config "$@"
 result=$($PYTHON -c "import sys; sys.path.insert(0, '.'); from util.config import load_config; \
-c = load_config('$config', sys.argv[1:]); print(c.save_folder); print(c.save_path)" "$@")
+c = load_config('$config', sys.argv[1:]); print(c.save_folder); print(c.save_path); print(c.epochs)" "$@")
 save_folder=$(echo "$result" | sed -n 1p)
 save_path=$(echo "$result" | sed -n 2p)
+epochs=$(echo "$result" | sed -n 3p)
+$PYTHON tool/test.py --config=$config TEST.model_path "$save_path/train_epoch_$epochs.pth" "$@"
 cat <<TXT
 == done
 colour predictions:   $save_folder/color/

@@ -8,7 +8,7 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=8
 #SBATCH --time=48:00:00
-#SBATCH --output=exp/slurm-%j.out
+#SBATCH --output=slurm-%j.out
 set -euo pipefail
 dataset=$1
 exp_name=$2
@@ -18,5 +18,11 @@ exp_dir=exp/${dataset}/${exp_name}
 mkdir -p "$exp_dir"
 cp tool/slurm_train.sh tool/train.py tool/test.py "$config" "$exp_dir"
 # TRAIN.workers is per node and split across its tasks; resume auto makes a requeued job continue.
+PYTHON=python
+last_checkpoint() {  # save_path/train_epoch_<epochs>.pth of the config with these overrides
+  $PYTHON -c 'import sys; sys.path.insert(0, "."); from util.config import load_config
+c = load_config(sys.argv[1], sys.argv[2:]); print(f"{c.save_path}/train_epoch_{c.epochs}.pth")' "$@"
+}
 srun python tool/train.py --config="$config" TRAIN.save_path "$exp_dir/model" TRAIN.resume auto "$@"
-srun --nodes=1 --ntasks=1 python tool/test.py --config="$config"
+srun --nodes=1 --ntasks=1 python tool/test.py --config="$config" \
+  TEST.model_path "$(last_checkpoint "$config" TRAIN.save_path "$exp_dir/model" "$@")" "$@"

@@ -3,6 +3,7 @@
 #   sh tool/test.sh ade20k pspnet50 [SECTION.key value ...]
 #   NPROC=4 sh tool/test.sh cityscapes pspnet101        (shards the list over 4 processes)
 set -e
+cd "$(dirname "$0")/.."
 if [ $# -lt 2 ]; then
   echo "usage: sh tool/test.sh <dataset> <exp_name> [SECTION.key value ...]" >&2
   exit 2

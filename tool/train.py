@@ -32,14 +32,14 @@ from torch.utils.data import DataLoader  # noqa: E402
 from lib.sync_bn import convert_sync_batchnorm  # noqa: E402
 from model import build_model  # noqa: E402
 from model.weights import load_checkpoint, load_model_state, load_model_weights  # noqa: E402
-from util.checkpoint import (BEST_FILE, atomic_save, check_training_checkpoint, check_writable,  # noqa: E402
+from util.checkpoint import (BEST_FILE, archive_previous_run, atomic_save, check_training_checkpoint, check_writable,  # noqa: E402
                              checkpoints_to_come, epoch_checkpoints, prune_checkpoints, remove_stale_temporaries,
                              resolve_resume, rng_state, set_rng_state, with_module_prefix)
 from util.cli import Progress, run_main, setup_logging  # noqa: E402
 from util.config import Config, add_config_arguments, describe_schema, load_config  # noqa: E402
 from util.dataset import SemSegDataset, build_label_lut  # noqa: E402
-from util.distributed import (DistInfo, GlobalBatchSampler, broadcast_object, cleanup_distributed, detect_launch,  # noqa: E402
-                              init_distributed, shard_indices)
+from util.distributed import (DistInfo, GlobalBatchSampler, broadcast_object, cleanup_distributed,  # noqa: E402
+                              detect_launch, init_distributed, local_world_size, shard_indices)
 from util.errors import ConfigError, UserError  # noqa: E402
 from util.loss import count_valid, label_at_output_size, segmentation_loss  # noqa: E402
 from util.metrics import ConfusionMatrix, format_scores_table  # noqa: E402
@@ -139,16 +139,20 @@ def validate(model: torch.nn.Module, loader: DataLoader, cfg: Config, info: Dist
 
 
 def save_checkpoint(cfg: Config, epoch: int, iteration: int, net, optimizer, scaler, best_miou: float,
-                    is_best: bool) -> Path:
+                    is_best: bool, epoch_file: bool) -> list[Path]:
+    """best.pth when this epoch is the best so far (whatever save_freq says), the epoch file when due."""
     state = {"epoch": epoch, "iteration": iteration, "state_dict": with_module_prefix(net.state_dict()),
              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "best_miou": best_miou,
              "rng": rng_state(), "config": cfg.to_dict()}
+    written = []
     if is_best:  # before the epoch file: a crash in between then redoes this epoch and rewrites best.pth
-        atomic_save(state, Path(cfg.save_path) / BEST_FILE)
-    path = Path(cfg.save_path) / f"train_epoch_{epoch}.pth"
-    atomic_save(state, path)
-    prune_checkpoints(cfg.save_path, cfg.keep_checkpoints)
-    return path
+        written.append(Path(cfg.save_path) / BEST_FILE)
+        atomic_save(state, written[-1])
+    if epoch_file:
+        written.append(Path(cfg.save_path) / f"train_epoch_{epoch}.pth")
+        atomic_save(state, written[-1])
+        prune_checkpoints(cfg.save_path, cfg.keep_checkpoints)
+    return written
 
 
 def train_worker(cfg: Config) -> None:
@@ -192,8 +196,12 @@ def train_worker(cfg: Config) -> None:
         set_rng_state(ckpt["rng"])
         start_epoch, best_miou = ckpt["epoch"], ckpt["best_miou"]
         logger.info("resumed from %s (epoch %d done)", resume_path, start_epoch)
-    elif cfg.resume == "auto":
-        logger.info("TRAIN.resume auto: no checkpoint in %s, starting from scratch", save_path)
+    else:
+        if cfg.resume == "auto":
+            logger.info("TRAIN.resume auto: no checkpoint in %s, starting from scratch", save_path)
+        archive = archive_previous_run(save_path) if info.is_main else None
+        if archive is not None:
+            logger.warning("%s held checkpoints of an earlier run; moved them to %s", save_path, archive)
 
     model = net
     if info.distributed:
@@ -202,8 +210,7 @@ def train_worker(cfg: Config) -> None:
     if cfg.compile:
         model = torch.compile(model)
 
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    workers = default_workers(cfg, local_world)
+    workers = default_workers(cfg, local_world_size(os.environ))
     train_loader, sampler = make_train_loader(cfg, info, seed, workers)
     val_loader = make_val_loader(cfg, info, workers) if cfg.evaluate else None
     steps = sampler.steps_per_epoch
@@ -232,9 +239,11 @@ def train_worker(cfg: Config) -> None:
             if writer is not None:
                 for name, value in (("mIoU_val", scores.miou), ("mAcc_val", scores.macc), ("allAcc_val", scores.allacc)):
                     writer.add_scalar(name, value, epoch + 1)
-        if info.is_main and ((epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs):
-            path = save_checkpoint(cfg, epoch + 1, (epoch + 1) * steps, net, optimizer, scaler, best_miou, is_best)
-            logger.info("saved %s", path)
+        epoch_file = (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs
+        if info.is_main and (epoch_file or is_best):
+            for path in save_checkpoint(cfg, epoch + 1, (epoch + 1) * steps, net, optimizer, scaler, best_miou,
+                                        is_best, epoch_file):
+                logger.info("saved %s", path)
         if info.distributed:
             dist.barrier()  # no process starts the next epoch before the checkpoint is complete
     if scores is not None:

@@ -6,6 +6,7 @@
 # Extra arguments are config overrides for train.py. Logs: exp/<dataset>/<exp>/model/train-*.log and
 # the evaluation's save_folder/test-*.log (both written by the scripts themselves).
 set -e
+cd "$(dirname "$0")/.."
 if [ $# -lt 2 ]; then
   echo "usage: sh tool/train.sh <dataset> <exp_name> [SECTION.key value ...]" >&2
   exit 2
@@ -21,6 +22,12 @@ NPROC=${NPROC:-$($PYTHON -c "import torch; print(max(1, torch.cuda.device_count(
 mkdir -p "$exp_dir"
 cp tool/train.sh tool/train.py tool/test.py "$config" "$exp_dir"   # what produced this experiment
 
+last_checkpoint() {  # save_path/train_epoch_<epochs>.pth of the config with these overrides
+  $PYTHON -c 'import sys; sys.path.insert(0, "."); from util.config import load_config
+c = load_config(sys.argv[1], sys.argv[2:]); print(f"{c.save_path}/train_epoch_{c.epochs}.pth")' "$@"
+}
+
 $PYTHON -m torch.distributed.run --standalone --nproc_per_node="$NPROC" tool/train.py --config="$config" \
   TRAIN.save_path "$exp_dir/model" "$@"
-$PYTHON tool/test.py --config="$config"
+$PYTHON tool/test.py --config="$config" \
+  TEST.model_path "$(last_checkpoint "$config" TRAIN.save_path "$exp_dir/model" "$@")" "$@"

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,21 @@ def prune_checkpoints(save_path: str | Path, keep: int) -> None:
     """Delete all but the `keep` newest epoch checkpoints (best.pth is a separate file)."""
     for _, path in epoch_checkpoints(save_path)[:-keep]:
         path.unlink(missing_ok=True)
+
+
+def archive_previous_run(save_path: str | Path) -> Path | None:
+    """A fresh run (no resume) in a save_path that holds another run's checkpoints: move those into
+    save_path/previous-<time>/ so that nothing is lost, pruning cannot delete this run's files, and
+    `resume auto` never continues from the other run."""
+    folder = Path(save_path)
+    old = [p for _, p in epoch_checkpoints(folder)] + [p for p in (folder / BEST_FILE,) if p.is_file()]
+    if not old:
+        return None
+    archive = folder / time.strftime("previous-%Y%m%d_%H%M%S")
+    archive.mkdir(exist_ok=True)
+    for path in old:
+        os.replace(path, archive / path.name)
+    return archive
 
 
 def checkpoints_to_come(save_path: str | Path, keep: int) -> int:

@@ -126,7 +126,6 @@ SCHEMA: tuple[Field, ...] = (
     _f("TEST", "has_prediction", "bool", False, "score the PNGs already in save_folder/gray without a model"),
     _f("TEST", "index_start", "int", 0, "first list line to evaluate"),
     _f("TEST", "index_step", "int", 0, "number of list lines to evaluate; 0 = to the end"),
-    _f("TEST", "test_gpu", "int_list", [0], "GPU for evaluation"),
     _f("TEST", "model_path", "str", "", "checkpoint to evaluate"),
     _f("TEST", "save_folder", "str", "exp/result", "where gray/, color/ and the scores go"),
     _f("TEST", "colors_path", "str", "", "class colours, one `R G B` per line"),
@@ -141,6 +140,7 @@ LEGACY_KEYS = {
     "opt_level": "mixed precision is TRAIN.amp (off | fp16 | bf16)",
     "keep_batchnorm_fp32": "torch.autocast keeps BatchNorm in float32",
     "loss_scale": "TRAIN.amp fp16 uses a dynamic grad scaler",
+    "test_gpu": "tool/test.py runs on the GPU of its local rank; choose it with CUDA_VISIBLE_DEVICES",
 }
 
 

@@ -144,6 +144,17 @@ def detect_launch(env: Mapping[str, str],
     return LaunchInfo("single", 0, 0, 1, None, None)
 
 
+def local_world_size(env: Mapping[str, str]) -> int:
+    """Processes on this node: torchrun's LOCAL_WORLD_SIZE, else SLURM's tasks per node
+    (SLURM_STEP_TASKS_PER_NODE reads like '8(x2)'), else 1."""
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
+        value = env.get(name, "")
+        match = re.match(r"\d+", value)
+        if match:
+            return max(1, int(match.group()))
+    return 1
+
+
 def _resolve_backend(cfg_backend: str) -> str:
     if cfg_backend not in BACKENDS:
         raise ConfigError(f"dist_backend: expected one of {', '.join(BACKENDS)}, got {cfg_backend!r}")
