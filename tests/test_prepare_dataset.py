@@ -2,6 +2,7 @@
 downloads: list files, every converted label value, links, idempotence and layout errors."""
 import os
 import re
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -304,6 +305,11 @@ def test_voc2012_copy_mode_with_explicit_sbd_is_idempotent(voc_raw, tmp_path, ca
 
 
 def test_voc2012_without_sbd_writes_train_and_val_and_says_so(voc_raw, tmp_path, capsys):
+    beside = tmp_path / "voc_beside"  # --src VOCdevkit finds benchmark_RELEASE next to it
+    prepare(["voc2012", "--src", str(voc_raw / "VOCdevkit"), "--dst", str(beside), "--workers", "1"])
+    assert sorted(p.name for p in (beside / "list").iterdir()) == ["train.txt", "train_aug.txt", "val.txt"]
+    capsys.readouterr()
+    shutil.rmtree(voc_raw / "benchmark_RELEASE")
     dst = tmp_path / "voc"
     prepare(["voc2012", "--src", str(voc_raw / "VOCdevkit"), "--dst", str(dst), "--workers", "1"])
     assert sorted(p.name for p in (dst / "list").iterdir()) == ["train.txt", "val.txt"]
