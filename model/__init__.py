@@ -5,11 +5,13 @@ build_model(cfg) builds PSPNet (arch 'psp') or PSANet (arch 'psa'). It only crea
 """
 from typing import Any, Callable, Dict
 
+import torch
 from torch import nn
 
 from model.psanet import PSANet, check_psa_mask_side, default_psa_mask_size
 from model.pspnet import PSPNet
 from model.resnet import BLOCKS_PER_DEPTH
+from model.weights import load_model_weights
 from util.errors import ConfigError
 
 
@@ -54,6 +56,17 @@ def build_psanet(cfg: Any) -> nn.Module:
 
 
 ARCHS: Dict[str, Callable[[Any], nn.Module]] = {"psp": build_pspnet, "psa": build_psanet}
+
+
+def load_eval_model(cfg: Any, device: torch.device) -> nn.Module:
+    """The trained network of TEST.model_path on `device`, in eval mode (tool/test.py, tool/demo.py)."""
+    cfg.pretrained_backbone = ""  # the checkpoint replaces the ImageNet weights: do not read them
+    model = build_model(cfg)
+    load_model_weights(model, cfg.model_path, "TEST.model_path", trust_pickle=cfg.trust_pickle)
+    model = model.to(device).eval()
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def build_model(cfg: Any) -> nn.Module:

@@ -19,8 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from model import build_model  # noqa: E402
-from model.weights import load_model_weights  # noqa: E402
+from model import load_eval_model  # noqa: E402
 from util.checkpoint import check_writable  # noqa: E402
 from util.cli import Progress, run_main, setup_logging  # noqa: E402
 from util.config import add_config_arguments, load_config  # noqa: E402
@@ -64,10 +63,7 @@ def main() -> None:
     check_writable(output, "--output")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg.pretrained_backbone = ""  # the checkpoint replaces the ImageNet weights: do not read them
-    model = build_model(cfg)
-    load_model_weights(model, cfg.model_path, "TEST.model_path", trust_pickle=cfg.trust_pickle)
-    model = model.to(device).eval()
+    model = load_eval_model(cfg, device)
     long_sizes = [round(s * cfg.base_size) for s in cfg.scales]
     progress = Progress(len(images))
     for done, path in enumerate(images, start=1):

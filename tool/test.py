@@ -23,8 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from model import build_model  # noqa: E402
-from model.weights import load_model_weights  # noqa: E402
+from model import load_eval_model  # noqa: E402
 from util.checkpoint import check_writable  # noqa: E402
 from util.cli import Progress, run_main, setup_logging  # noqa: E402
 from util.config import Config, add_config_arguments, describe_schema, load_config  # noqa: E402
@@ -67,18 +66,6 @@ def parse_args() -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     return parser.parse_args()
-
-
-def load_model(cfg: Config, device: torch.device) -> torch.nn.Module:
-    if not cfg.model_path:
-        raise ConfigError("TEST.model_path is not set: evaluation needs a checkpoint (or TEST.has_prediction True)")
-    cfg.pretrained_backbone = ""  # the checkpoint replaces the ImageNet weights: do not read them
-    model = build_model(cfg)
-    load_model_weights(model, cfg.model_path, "TEST.model_path", trust_pickle=cfg.trust_pickle)
-    model = model.to(device).eval()
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
 
 
 def main() -> None:
@@ -129,7 +116,9 @@ def main() -> None:
 
 def predict_and_save(cfg, info, dataset, shard, indices, name_of, colors, matrix) -> None:
     """Run the model on this process's shard, write PNGs and accumulate the confusion matrix."""
-    model = load_model(cfg, info.device)
+    if not cfg.model_path:
+        raise ConfigError("TEST.model_path is not set: evaluation needs a checkpoint (or TEST.has_prediction True)")
+    model = load_eval_model(cfg, info.device)
     torch.backends.cudnn.benchmark = True  # every window has the same size
     long_sizes = [round(s * cfg.base_size) for s in cfg.scales]
     loader = DataLoader(ScaledImages(dataset, shard, long_sizes), batch_size=None, shuffle=False,
