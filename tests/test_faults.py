@@ -285,9 +285,10 @@ def test_disk_filling_up_mid_run_stops_cleanly_and_resume_finishes(tiny_toy, tmp
             except OSError as e:
                 assert e.errno == errno.ENOSPC
         assert proc.wait(timeout=240) == 2
-        output = log_path.read_text()  # TensorBoard's writer thread may add its own traceback on exit
+        output = log_path.read_text()
         message = [line for line in output.splitlines() if line.startswith("error: ")]
         assert len(message) == 1 and "could not write checkpoint" in message[0], output[-3000:]
+        assert "Traceback" not in output, output[-3000:]  # TensorBoard's failed flush at exit: one warning line
         assert re.search(r"train_epoch_2\.pth \(.+\); \d+ MiB free on its disk; earlier checkpoints", message[0])
         assert sorted(p.name for p in (mount_point / "model").glob("*.pth")) == ["train_epoch_1.pth"]
         assert not temporaries(mount_point / "model")
@@ -356,3 +357,67 @@ def test_planted_code_in_a_checkpoint_never_runs(tiny_toy, tmp_path, booby_trapp
         assert not marker.exists(), f"{tool} {key} ran the planted code"
     torch.load(path, weights_only=False)  # the trap is real: an unguarded load does run it
     assert marker.read_text() == "pwned"
+
+
+class _SelfKillingSamples(torch.utils.data.Dataset):
+    """A data-loader worker that dies as one killed by the out-of-memory killer does."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _ExitTimeFlush:
+    """Stands in for tensorboardX's event file, flushed when it is collected on a full disk."""
+
+    def __del__(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.fixture
+def script_hooks(monkeypatch):
+    """run_main installs process-wide hooks; put the test process's back afterwards."""
+    monkeypatch.delenv("SEMSEG_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    monkeypatch.setattr("threading.excepthook", __import__("threading").excepthook)
+
+
+def test_a_killed_data_worker_is_one_line_with_the_likely_cause(script_hooks, capsys):
+    from util.cli import run_main
+
+    def main():
+        for _ in torch.utils.data.DataLoader(_SelfKillingSamples(), num_workers=1):
+            pass
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: DataLoader worker (pid"), err
+    assert "out-of-memory" in lines[0] and "TRAIN.resume auto" in lines[0]
+
+
+def test_oserrors_in_exit_time_cleanup_are_one_warning_line(script_hooks, capsys):
+    import threading
+
+    from util.cli import run_main
+
+    def main():
+        flush = _ExitTimeFlush()
+        del flush  # the finaliser's OSError goes to sys.unraisablehook
+        thread = threading.Thread(target=lambda: (_ for _ in ()).throw(OSError("handle is closed")))
+        thread.start()
+        thread.join()
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 0
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2, err
+    assert "_ExitTimeFlush.__del__ failed while exiting: [Errno 28] No space left on device" in lines[0]
+    assert lines[1] == "warning: background thread threading.Thread stopped: handle is closed"

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from util.inference import multi_scale_predict, resize_image, scaled_size, window_grid
+from util.inference import (multi_scale_predict, resize_image, scaled_size, window_coverage, window_grid,
+                            window_offsets)
 from util.palette import output_names
 from util.reference_inference import reference_predict
 
@@ -62,6 +63,27 @@ def test_window_grid_covers_and_aligns_last_window():
     for y, x in grid:
         cover[y:y + 33, x:x + 33] += 1
     assert cover.min() >= 1
+
+
+@pytest.mark.parametrize("h, w, crop, rate", [(100, 40, 33, 2 / 3), (33, 33, 33, 2 / 3), (97, 130, 33, 0.5),
+                                              (70, 71, 17, 1.0)])
+def test_coverage_from_row_and_column_counts_equals_counting_every_window(h, w, crop, rate):
+    cover = np.zeros((h, w), int)
+    for y, x in window_grid(h, w, crop, crop, rate):
+        cover[y:y + crop, x:x + crop] += 1
+    rows, columns = window_offsets(h, w, crop, crop, rate)
+    outer = torch.outer(window_coverage(h, crop, rows), window_coverage(w, crop, columns))
+    assert np.array_equal(outer.numpy().astype(int), cover)
+
+
+def test_pinned_style_tensor_input_equals_numpy_input():
+    """test.py hands over the DataLoader's (possibly pinned) HxWx3 tensors, demo.py numpy arrays."""
+    image = (np.random.default_rng(5).random((40, 52, 3)) * 255).astype(np.float32)
+    model = TinySegNet(4, 5).eval()
+    scaled = [resize_image(image, s) for s in (39, 65)]
+    from_numpy = multi_scale_predict(model, scaled, (40, 52), 4, 33, 33)
+    from_tensor = multi_scale_predict(model, [torch.from_numpy(s) for s in scaled], (40, 52), 4, 33, 33)
+    assert torch.equal(from_numpy, from_tensor)
 
 
 def test_scaled_size_keeps_aspect_with_semseg_rounding():

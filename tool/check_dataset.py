@@ -14,8 +14,6 @@ unusable. Options go before the `KEY VALUE` overrides.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import multiprocessing
 import os
 import sys
 import time
@@ -27,13 +25,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from util.cli import Progress, run_main  # noqa: E402
+from util.cli import map_with_progress, run_main  # noqa: E402
 from util.config import Config, add_config_arguments, load_config  # noqa: E402
-from util.dataset import SemSegDataset, build_label_lut  # noqa: E402
+from util.dataset import SemSegDataset, dataset_from_config  # noqa: E402
 from util.errors import ConfigError, DataError  # noqa: E402
 from util.palette import read_colors, read_names  # noqa: E402
 
-PROGRESS_SECONDS = 5.0
 # (text in a DataError message, problem type); the first match wins.
 PROBLEM_TYPES = (
     ("file not found", "missing file"),
@@ -97,20 +94,9 @@ class ListReport:
 def check_list(name: str, dataset: SemSegDataset, workers: int) -> ListReport:
     """Read every sample of one list (in `workers` processes when > 1), reporting progress."""
     report = ListReport(name, samples=len(dataset))
-    progress, last_report = Progress(len(dataset)), time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        if workers > 1 and len(dataset) > 1:
-            pool = stack.enter_context(multiprocessing.Pool(min(workers, len(dataset)), _init_worker, (dataset,)))
-            chunk = max(1, min(32, len(dataset) // (8 * workers)))
-            results = pool.imap(check_sample, range(len(dataset)), chunksize=chunk)  # list order
-        else:
-            _init_worker(dataset)
-            results = map(check_sample, range(len(dataset)))
-        for done, result in enumerate(results, start=1):
-            report.add(result)
-            if done == len(dataset) or time.perf_counter() - last_report >= PROGRESS_SECONDS:
-                print(f"  {name}: {progress.line(done)}", flush=True)
-                last_report = time.perf_counter()
+    for result in map_with_progress(check_sample, range(len(dataset)), workers, f"{name}:",
+                                    initializer=_init_worker, initargs=(dataset,)):
+        report.add(result)
     return report
 
 
@@ -202,11 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     problems: dict[str, list[str]] = {}
     names = class_names(cfg, problems)
-    lut = build_label_lut(cfg.classes, cfg.ignore_label, cfg.reduce_zero_label, cfg.label_map)
     reports, image_sets = [], {}
     for name, list_path in selected_lists(cfg, args.split):
-        dataset = SemSegDataset(list_path, cfg.data_root, name, cfg.classes, cfg.ignore_label,
-                                label_lut=lut, allow_unsafe_paths=cfg.allow_unsafe_paths)
+        dataset = dataset_from_config(cfg, list_path, name)
         print(f"{name}: {list_path}, {len(dataset)} samples, data_root {cfg.data_root}", flush=True)
         report = check_list(name, dataset, args.workers)
         reports.append(report)

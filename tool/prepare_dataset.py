@@ -22,8 +22,6 @@ with the same content.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import multiprocessing
 import os
 import shutil
 import sys
@@ -36,32 +34,23 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from util.cli import Progress, run_main  # noqa: E402
-from util.dataset import build_label_lut  # noqa: E402
+from util.cli import map_with_progress, run_main  # noqa: E402
 from util.errors import DataError, UserError  # noqa: E402
-from util.image_io import read_image_rgb, read_label  # noqa: E402
-from util.label_maps import (CITYSCAPES_CLASSES, CITYSCAPES_TRAIN_IDS, VOC_CLASSES,  # noqa: E402
-                             check_label_values, decode_voc_colors)
+from util.label_maps import LABEL_CONVERTERS  # noqa: E402
 from util.palette import write_png  # noqa: E402
 
-IGNORE_LABEL = 255
-ADE20K_CLASSES = 150
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MAX_LISTED = 10
-PROGRESS_SECONDS = 5.0
 # (train_list, val_list) under <dst>/list/ that the shipped configs name.
 CONFIG_LISTS = {"ade20k": ("training.txt", "validation.txt"),
                 "cityscapes": ("fine_train.txt", "fine_val.txt"),
                 "voc2012": ("train_aug.txt", "val.txt"),
                 "folder": ("train.txt", "val.txt")}
 
-ADE20K_LUT = build_label_lut(ADE20K_CLASSES, IGNORE_LABEL, reduce_zero_label=True)
-CITYSCAPES_LUT = build_label_lut(CITYSCAPES_CLASSES, IGNORE_LABEL, label_map=CITYSCAPES_TRAIN_IDS)
-
 
 class Task(NamedTuple):
     """One output file made from one input file: a label conversion or a plain copy."""
-    kind: str  # a key of CONVERTERS, or "copy"
+    kind: str  # a key of LABEL_CONVERTERS, or "copy"
     src: str
     dst: str
 
@@ -73,46 +62,6 @@ class Plan:
     tasks: list[Task] = field(default_factory=list)
     lists: dict[str, list[str]] = field(default_factory=dict)  # file name under dst/list -> lines
     notes: list[str] = field(default_factory=list)
-
-
-# ---- label converters: raw file -> uint8 HxW class ids (run in worker processes) -------------
-
-def _ade20k_label(src: str) -> np.ndarray:
-    raw = read_label(src)
-    check_label_values(raw, ADE20K_CLASSES + 1, IGNORE_LABEL, f"ADE20K annotation {src}")
-    return ADE20K_LUT[raw]
-
-
-def _cityscapes_label(src: str) -> np.ndarray:
-    return CITYSCAPES_LUT[read_label(src)]
-
-
-def _voc_label(src: str) -> np.ndarray:
-    where = f"VOC label {src}"
-    label = decode_voc_colors(read_image_rgb(src).astype(np.uint8), where)
-    check_label_values(label, VOC_CLASSES, IGNORE_LABEL, where)
-    return label
-
-
-def _sbd_label(src: str) -> np.ndarray:
-    from scipy.io import loadmat  # only VOC needs scipy
-    where = f"SBD annotation {src}"
-    try:
-        segmentation = loadmat(src, squeeze_me=True, struct_as_record=False)["GTcls"].Segmentation
-    except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
-        raise DataError(f"{where}: cannot read GTcls.Segmentation from the .mat file ({exc})") from exc
-    segmentation = np.asarray(segmentation)
-    if segmentation.ndim != 2 or segmentation.size == 0 or not np.issubdtype(segmentation.dtype, np.integer) \
-            or segmentation.min() < 0 or segmentation.max() > 255:
-        raise DataError(f"{where}: GTcls.Segmentation is {segmentation.dtype} {segmentation.shape}; "
-                        "expected a 2-D map of class ids 0..20")
-    label = segmentation.astype(np.uint8)
-    check_label_values(label, VOC_CLASSES, IGNORE_LABEL, where)
-    return label
-
-
-CONVERTERS: dict[str, Callable[[str], np.ndarray]] = {
-    "ade20k": _ade20k_label, "cityscapes": _cityscapes_label, "voc": _voc_label, "sbd": _sbd_label}
 
 
 def _up_to_date(task: Task) -> bool:
@@ -139,7 +88,7 @@ def run_task(task: Task) -> tuple[bool, str | None]:
             shutil.copy2(task.src, partial)
             os.replace(partial, target)
         else:
-            write_png(target, CONVERTERS[task.kind](task.src))
+            write_png(target, LABEL_CONVERTERS[task.kind](task.src))
         return True, None
     except (UserError, OSError) as exc:
         return False, str(exc)
@@ -381,20 +330,10 @@ def run_tasks(tasks: list[Task], workers: int) -> tuple[int, list[str]]:
     if not tasks:
         return 0, []
     written, errors = 0, []
-    progress, last_report = Progress(len(tasks)), time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        if workers > 1 and len(tasks) > 1:
-            pool = stack.enter_context(multiprocessing.Pool(min(workers, len(tasks))))
-            results = pool.imap_unordered(run_task, tasks, chunksize=8)
-        else:
-            results = map(run_task, tasks)
-        for done, (wrote, error) in enumerate(results, start=1):
-            written += wrote
-            if error:
-                errors.append(error)
-            if done == len(tasks) or time.perf_counter() - last_report >= PROGRESS_SECONDS:
-                print(f"  files {progress.line(done)}", flush=True)
-                last_report = time.perf_counter()
+    for wrote, error in map_with_progress(run_task, tasks, workers, "files", ordered=False):
+        written += wrote
+        if error:
+            errors.append(error)
     return written, errors
 
 

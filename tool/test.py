@@ -27,7 +27,7 @@ from model import load_eval_model  # noqa: E402
 from util.checkpoint import check_writable  # noqa: E402
 from util.cli import Progress, run_main, setup_logging  # noqa: E402
 from util.config import Config, add_config_arguments, describe_schema, load_config  # noqa: E402
-from util.dataset import SemSegDataset, build_label_lut  # noqa: E402
+from util.dataset import SemSegDataset, dataset_from_config  # noqa: E402
 from util.distributed import barrier, cleanup_distributed, init_distributed, shard_indices  # noqa: E402
 from util.errors import ConfigError, DataError  # noqa: E402
 from util.image_io import read_label  # noqa: E402
@@ -83,9 +83,7 @@ def main() -> None:
     names = read_names(cfg.names_path, cfg.classes) if cfg.names_path else [str(i) for i in range(cfg.classes)]
     colors = read_colors(cfg.colors_path, cfg.classes) if cfg.colors_path else None
 
-    lut = build_label_lut(cfg.classes, cfg.ignore_label, cfg.reduce_zero_label, cfg.label_map)
-    dataset = SemSegDataset(cfg.test_list, cfg.data_root, cfg.split, cfg.classes, cfg.ignore_label,
-                            label_lut=lut, allow_unsafe_paths=cfg.allow_unsafe_paths)
+    dataset = dataset_from_config(cfg, cfg.test_list, cfg.split)
     indices = selected_indices(cfg, len(dataset))
     out_names = output_names([dataset.entries[i].image_path for i in indices], cfg.data_root)
     shard = [indices[k] for k in shard_indices(len(indices), info.rank, info.world_size)]
@@ -128,7 +126,7 @@ def predict_and_save(cfg, info, dataset, shard, indices, name_of, colors, matrix
     progress = Progress(len(shard))
     log_every = max(1, len(shard) // 20)
     for done, (index, image, label, scaled) in enumerate(loader, start=1):
-        probs = multi_scale_predict(model, [np.asarray(s) for s in scaled], tuple(image.shape[:2]), cfg.classes,
+        probs = multi_scale_predict(model, scaled, tuple(image.shape[:2]), cfg.classes,
                                     cfg.test_h, cfg.test_w, cfg.stride_rate, cfg.flip, cfg.test_batch_size,
                                     info.device, channels_last=cfg.channels_last)
         pred = probs.argmax(0)

@@ -37,7 +37,7 @@ from util.checkpoint import (BEST_FILE, archive_previous_run, atomic_save, check
                              resolve_resume, rng_state, set_rng_state, with_module_prefix)
 from util.cli import Progress, run_main, setup_logging  # noqa: E402
 from util.config import Config, add_config_arguments, describe_schema, load_config  # noqa: E402
-from util.dataset import SemSegDataset, build_label_lut  # noqa: E402
+from util.dataset import dataset_from_config  # noqa: E402
 from util.distributed import (DistInfo, GlobalBatchSampler, broadcast_object, cleanup_distributed,  # noqa: E402
                               detect_launch, init_distributed, local_world_size, shard_indices)
 from util.errors import ConfigError, UserError  # noqa: E402
@@ -69,17 +69,10 @@ def default_workers(cfg: Config, local_world_size: int) -> int:
     return min(4, max(1, (os.cpu_count() or 1) // local_world_size))
 
 
-def make_dataset(cfg: Config, list_key: str, transform, seed: int) -> SemSegDataset:
-    lut = build_label_lut(cfg.classes, cfg.ignore_label, cfg.reduce_zero_label, cfg.label_map)
-    return SemSegDataset(getattr(cfg, list_key), cfg.data_root, "train" if list_key == "train_list" else "val",
-                         cfg.classes, cfg.ignore_label, transform=transform, label_lut=lut, seed=seed,
-                         allow_unsafe_paths=cfg.allow_unsafe_paths)
-
-
 def make_train_loader(cfg: Config, info: DistInfo, seed: int, workers: int) -> tuple[DataLoader, GlobalBatchSampler]:
     if not cfg.train_list:
         raise ConfigError("DATA.train_list is not set: training needs a list file of `image label` lines")
-    dataset = make_dataset(cfg, "train_list", build_train_transform(cfg), seed)
+    dataset = dataset_from_config(cfg, cfg.train_list, "train", build_train_transform(cfg), seed)
     try:
         sampler = GlobalBatchSampler(len(dataset), cfg.batch_size, info.rank, info.world_size, seed,
                                      micro_batches_per_step=cfg.accum_steps)
@@ -97,7 +90,7 @@ def make_train_loader(cfg: Config, info: DistInfo, seed: int, workers: int) -> t
 def make_val_loader(cfg: Config, info: DistInfo, workers: int) -> DataLoader:
     if not cfg.val_list:
         raise ConfigError("TRAIN.evaluate is on but DATA.val_list is not set")
-    dataset = make_dataset(cfg, "val_list", build_val_transform(cfg), 0)
+    dataset = dataset_from_config(cfg, cfg.val_list, "val", build_val_transform(cfg))
     shard = torch.utils.data.Subset(dataset, shard_indices(len(dataset), info.rank, info.world_size))
     return DataLoader(shard, batch_size=max(1, cfg.batch_size_val // info.world_size), shuffle=False,
                       num_workers=workers, pin_memory=info.device.type == "cuda")

@@ -2,16 +2,21 @@
 
 A UserError (bad config, data, checkpoint or path) prints one line naming the culprit and exits
 with status 2; `--debug` on the command line or SEMSEG_DEBUG=1 shows the full traceback instead.
-Anything else is a bug and keeps its traceback.
+A data-loader worker that died (usually the out-of-memory killer) and an OSError in a library's
+exit-time clean-up (TensorBoard flushing to a full disk) also get one line each. Anything else is
+a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
 import os
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 from util.errors import UserError
 
@@ -49,11 +54,40 @@ def user_error_message(err: BaseException) -> str:
     return text
 
 
+WORKER_DIED = "DataLoader worker (pid"  # how torch's RuntimeError starts when a worker process dies
+
+
+def _qualified_name(thing) -> str:
+    return f"{getattr(thing, '__module__', '')}.{getattr(thing, '__qualname__', repr(thing))}".lstrip(".")
+
+
+def one_line_unraisable(unraisable) -> None:
+    """sys.unraisablehook: an OSError in an atexit callback or finaliser (tensorboardX flushes its
+    event file at exit, which fails on a full disk) is one warning line after our own error."""
+    if debug_enabled() or not isinstance(unraisable.exc_value, OSError):
+        sys.__unraisablehook__(unraisable)
+        return
+    print(f"warning: {_qualified_name(unraisable.object)} failed while exiting: {unraisable.exc_value}",
+          file=sys.stderr)
+
+
+def one_line_thread_error(args) -> None:
+    """threading.excepthook: the same for a library's background thread (tensorboardX's event
+    writer thread finds its queue closed when the exit-time flush failed)."""
+    if debug_enabled() or args.exc_type is None or not issubclass(args.exc_type, OSError):
+        threading.__excepthook__(args)
+        return
+    print(f"warning: background thread {_qualified_name(type(args.thread))} stopped: {args.exc_value}",
+          file=sys.stderr)
+
+
 def run_main(main: Callable[[], int | None]) -> None:
     """Run a script's main() and turn its outcome into an exit status."""
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
         os.environ["SEMSEG_DEBUG"] = "1"
+    sys.unraisablehook = one_line_unraisable
+    threading.excepthook = one_line_thread_error
     try:
         status = main()
     except UserError as err:
@@ -61,6 +95,13 @@ def run_main(main: Callable[[], int | None]) -> None:
             raise
         print(f"error: {user_error_message(err)}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as err:
+        if debug_enabled() or not str(err).startswith(WORKER_DIED):
+            raise
+        print(f"error: {err}: a data-loader worker process died, most often killed by the out-of-memory "
+              "killer (see dmesg); lower the data workers or the batch size, or free memory, then run "
+              "again (training goes on from its last checkpoint with TRAIN.resume auto)", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -88,3 +129,25 @@ class Progress:
         rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - done) / rate if rate > 0 else 0.0
         return f"{done}/{self.total} elapsed {format_duration(elapsed)} ETA {format_duration(eta)}"
+
+
+def map_with_progress(function: Callable, items: Sequence, workers: int, label: str, *,
+                      initializer: Callable | None = None, initargs: tuple = (), ordered: bool = True,
+                      every_seconds: float = 5.0) -> Iterator:
+    """function(item) for every item, in `workers` processes when > 1 (in item order unless
+    ordered=False), printing `label done/total elapsed ETA` every few seconds and at the end."""
+    progress, last_report = Progress(len(items)), time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and len(items) > 1:
+            pool = stack.enter_context(multiprocessing.Pool(min(workers, len(items)), initializer, initargs))
+            chunk = max(1, min(32, len(items) // (8 * workers)))
+            results = (pool.imap if ordered else pool.imap_unordered)(function, items, chunksize=chunk)
+        else:
+            if initializer is not None:
+                initializer(*initargs)
+            results = map(function, items)
+        for done, result in enumerate(results, start=1):
+            yield result
+            if done == len(items) or time.perf_counter() - last_report >= every_seconds:
+                print(f"  {label} {progress.line(done)}", flush=True)
+                last_report = time.perf_counter()

@@ -204,3 +204,12 @@ class SemSegDataset(Dataset):
             placeholder = np.full(image.shape[:2], self.ignore_label, dtype=np.uint8)
             return (self.transform(image, placeholder, rng)[0],)
         return self.transform(image, label, rng)
+
+
+def dataset_from_config(cfg, list_path: str, split: str, transform: Callable | None = None,
+                        seed: int = 0) -> SemSegDataset:
+    """One list file read the way every tool reads it: DATA.data_root, classes, ignore_label, the
+    label remapping (reduce_zero_label / label_map) and the path policy from the config."""
+    lut = build_label_lut(cfg.classes, cfg.ignore_label, cfg.reduce_zero_label, cfg.label_map)
+    return SemSegDataset(list_path, cfg.data_root, split, cfg.classes, cfg.ignore_label, transform=transform,
+                         label_lut=lut, seed=seed, allow_unsafe_paths=cfg.allow_unsafe_paths)

@@ -7,8 +7,9 @@ with that of its horizontal flip, average overlapping windows, crop the padding 
 class-probability map (bilinear) to the original size; then average the scales and take the argmax.
 
 Unlike the reference, the windows of an image (and their flips) go through the network in batches
-of `batch_size`, and accumulation and resizing stay on the device (float32 by default), so the
-caller's argmax runs there too.
+of `batch_size`; normalisation, accumulation and resizing run on the device (float32 by default),
+so the caller's argmax runs there too; and the overlap count comes from per-row and per-column
+counts instead of being added up window by window.
 """
 from __future__ import annotations
 
@@ -43,10 +44,16 @@ def window_starts(size: int, crop: int, stride: int) -> list[int]:
     return [min(i * stride + crop, size) - crop for i in range(count)]
 
 
+def window_offsets(h: int, w: int, crop_h: int, crop_w: int, stride_rate: float) -> tuple[list[int], list[int]]:
+    """Row and column offsets of the sliding windows over an (already padded) h x w image."""
+    stride_h, stride_w = int(math.ceil(crop_h * stride_rate)), int(math.ceil(crop_w * stride_rate))
+    return window_starts(h, crop_h, stride_h), window_starts(w, crop_w, stride_w)
+
+
 def window_grid(h: int, w: int, crop_h: int, crop_w: int, stride_rate: float) -> list[tuple[int, int]]:
     """Top-left corners of the sliding windows over an (already padded) h x w image."""
-    stride_h, stride_w = int(math.ceil(crop_h * stride_rate)), int(math.ceil(crop_w * stride_rate))
-    return [(y, x) for y in window_starts(h, crop_h, stride_h) for x in window_starts(w, crop_w, stride_w)]
+    rows, columns = window_offsets(h, w, crop_h, crop_w, stride_rate)
+    return [(y, x) for y in rows for x in columns]
 
 
 def resize_image(image: np.ndarray, long_size: int) -> np.ndarray:
@@ -56,12 +63,22 @@ def resize_image(image: np.ndarray, long_size: int) -> np.ndarray:
     return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
 
 
-def normalise(image: np.ndarray) -> torch.Tensor:
-    """float32 RGB HxWx3 (0..255) -> normalised 3xHxW tensor."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-    mean = torch.tensor(MEAN, dtype=tensor.dtype).view(3, 1, 1)
-    std = torch.tensor(STD, dtype=tensor.dtype).view(3, 1, 1)
-    return (tensor - mean) / std
+def to_network_input(image: np.ndarray | torch.Tensor, device: torch.device | str,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """float32 RGB HxWx3 (0..255; numpy, or a tensor a DataLoader may have pinned) -> normalised
+    3xHxW on the device. The copy goes first, so the arithmetic runs on the device."""
+    tensor = torch.as_tensor(image).to(device=device, non_blocking=True).permute(2, 0, 1).to(dtype)
+    mean = torch.tensor(MEAN, device=tensor.device, dtype=dtype).view(3, 1, 1)
+    std = torch.tensor(STD, device=tensor.device, dtype=dtype).view(3, 1, 1)
+    return ((tensor - mean) / std).contiguous()
+
+
+def window_coverage(size: int, crop: int, starts: list[int]) -> torch.Tensor:
+    """How many of the windows starting at `starts` cover each position along one side (float32)."""
+    coverage = torch.zeros(size)
+    for start in starts:
+        coverage[start:start + crop] += 1
+    return coverage
 
 
 @torch.inference_mode()
@@ -78,8 +95,8 @@ def sliding_window_predict(model: torch.nn.Module, image: torch.Tensor, classes:
     padded = F.pad(image, (left, pad_w - left, top, pad_h - top)) if pad_h or pad_w else image
     ph, pw = padded.shape[1:]
     probs = torch.zeros(classes, ph, pw, device=image.device, dtype=image.dtype)
-    count = torch.zeros(1, ph, pw, device=image.device, dtype=image.dtype)
-    grid = window_grid(ph, pw, crop_h, crop_w, stride_rate)
+    rows, columns = window_offsets(ph, pw, crop_h, crop_w, stride_rate)
+    grid = [(y, x) for y in rows for x in columns]
     per_forward = max(1, batch_size // 2) if flip else batch_size  # flips ride in the same batch
     for first in range(0, len(grid), per_forward):
         corners = grid[first:first + per_forward]
@@ -96,20 +113,21 @@ def sliding_window_predict(model: torch.nn.Module, image: torch.Tensor, classes:
             out = out[:n].add_(out[n:].flip(3))
         for (y, x), p in zip(corners, out):
             probs[:, y:y + crop_h, x:x + crop_w] += p
-            count[:, y:y + crop_h, x:x + crop_w] += 2 if flip else 1
-    probs /= count
+    # The windows form a grid, so the number covering a pixel is (rows covering y) x (columns covering x).
+    count = torch.outer(window_coverage(ph, crop_h, rows), window_coverage(pw, crop_w, columns))
+    probs /= count.to(probs.device, probs.dtype) * (2 if flip else 1)
     return probs[:, top:top + h, left:left + w]
 
 
-def multi_scale_predict(model: torch.nn.Module, scaled_images: list[np.ndarray], out_size: tuple[int, int],
-                        classes: int, crop_h: int, crop_w: int, stride_rate: float = 2 / 3, flip: bool = True,
-                        batch_size: int = 0, device: torch.device | str = "cpu",
+def multi_scale_predict(model: torch.nn.Module, scaled_images: list[np.ndarray | torch.Tensor],
+                        out_size: tuple[int, int], classes: int, crop_h: int, crop_w: int,
+                        stride_rate: float = 2 / 3, flip: bool = True, batch_size: int = 0, device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.float32, channels_last: bool = False) -> torch.Tensor:
     """Mean over scales of the probability maps resized to out_size (H, W): (classes, H, W) on device."""
     batch_size = window_batch_size(batch_size, device)
     total = torch.zeros(classes, *out_size, device=device, dtype=dtype)
     for image in scaled_images:
-        tensor = normalise(image).to(device=device, dtype=dtype, non_blocking=True)
+        tensor = to_network_input(image, device, dtype)
         probs = sliding_window_predict(model, tensor, classes, crop_h, crop_w, stride_rate, flip, batch_size,
                                        channels_last)
         if probs.shape[1:] != out_size:
