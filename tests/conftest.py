@@ -14,6 +14,15 @@ torch.set_num_threads(2)
 from util.toy_data import generate_toy_dataset  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_gpu(request, monkeypatch):
+    """Tests not marked gpu run on the CPU on a GPU machine too: their exact-equality checks assume
+    CPU arithmetic, and their two-process runs must not need two GPUs (run_tool hides CUDA as well)."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
 @pytest.fixture(scope="session")
 def tiny_toy(tmp_path_factory) -> Path:
     """A toy dataset small enough for end-to-end runs: 16 train and 8 val images of 48-64 px."""
@@ -42,10 +51,14 @@ def write_config(path: Path, data_root: Path, **sections) -> Path:
     return path
 
 
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}  # the environment of scripts that tests run on the CPU
+
+
 def run_tool(script: str, *args: str, launcher: list[str] | None = None, timeout: float = 300,
-             env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run tool/<script> from the repository root as a user would, capturing its output."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+             env: dict | None = None, cuda: bool = False) -> subprocess.CompletedProcess:
+    """Run tool/<script> from the repository root as a user would, capturing its output; on the
+    CPU unless cuda=True."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **({} if cuda else CPU_ONLY), **(env or {})}
     cmd = (launcher or [sys.executable]) + [str(REPO_ROOT / "tool" / script), *args]
     return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
 

@@ -96,6 +96,36 @@ def test_backend_choice_is_checked():
         assert ud.init_distributed("nccl", env={}).device.type == "cpu"
 
 
+@pytest.mark.parametrize("train_gpu, current, expected", [
+    ([0, 1], None, "0,1"),
+    ([1], "2,3", "3"),  # indices count within what the scheduler made visible
+    ([0, 1], "GPU-aa, GPU-bb, GPU-cc", "GPU-aa,GPU-bb"),
+    ([0], "", ""),  # GPUs deliberately hidden stay hidden
+])
+def test_train_gpu_selects_within_the_visible_devices(train_gpu, current, expected):
+    assert ud.visible_devices(train_gpu, current) == expected
+
+
+def test_train_gpu_outside_the_visible_devices_is_named():
+    with pytest.raises(ConfigError, match=r"TRAIN.train_gpu \[0, 2\]: \[2\] not among the 2 GPU\(s\) of "
+                                          r"CUDA_VISIBLE_DEVICES=4,5"):
+        ud.visible_devices([0, 2], "4,5")
+
+
+@pytest.mark.parametrize("launcher, local_rank, count, expected", [
+    ("torchrun", 1, 2, 1), ("slurm", 3, 1, 0), ("torchrun", 1, 1, None), ("slurm", 2, 2, None)])
+def test_device_of_a_local_rank(monkeypatch, launcher, local_rank, count, expected):
+    """srun --gpus-per-task shows each task one GPU; two torchrun processes on one GPU are refused."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    if expected is None:
+        with pytest.raises(ConfigError, match=f"local rank {local_rank} has no GPU: this node shows {count}"):
+            ud._select_device(local_rank, launcher)
+    else:
+        assert ud._select_device(local_rank, launcher) == torch.device("cuda", expected)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

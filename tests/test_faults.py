@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import util.checkpoint as checkpoint
-from conftest import REPO_ROOT, assert_one_line_error, run_tool, write_config
+from conftest import CPU_ONLY, REPO_ROOT, assert_one_line_error, run_tool, write_config
 from model import build_model
 from util.config import load_config
 from util.errors import CheckpointError
@@ -74,7 +74,7 @@ def start_training(cfg: Path, folder: Path, *extra: str, launcher=None) -> tuple
     cmd = (launcher or [sys.executable]) + [str(REPO_ROOT / "tool" / "train.py"), f"--config={cfg}", *extra]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                env={**os.environ, "OMP_NUM_THREADS": "1", **CPU_ONLY})
     return proc, log_path
 
 
@@ -421,3 +421,18 @@ def test_oserrors_in_exit_time_cleanup_are_one_warning_line(script_hooks, capsys
     assert len(lines) == 2, err
     assert "_ExitTimeFlush.__del__ failed while exiting: [Errno 28] No space left on device" in lines[0]
     assert lines[1] == "warning: background thread threading.Thread stopped: handle is closed"
+
+
+def test_cuda_out_of_memory_is_one_line_with_what_to_lower(script_hooks, capsys):
+    from util.cli import run_main
+
+    def main():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                     "of 79.19 GiB of which 1.06 GiB is free. Of the allocated memory ...")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(lines) == 1
+    assert lines[0].startswith("error: CUDA out of memory. Tried to allocate 2.00 GiB: the GPU ran out of memory")
+    assert "TRAIN.batch_size" in lines[0] and "TEST.test_batch_size" in lines[0]

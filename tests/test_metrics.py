@@ -74,3 +74,12 @@ def test_matches_semseg_intersection_and_union():
     assert s.intersection.tolist() == area_i.tolist()
     assert s.union.tolist() == (area_o + area_t - area_i).tolist()
     assert s.target.tolist() == area_t.tolist()
+
+
+def test_reduce_puts_the_matrix_on_the_process_device():
+    """has_prediction counts on the host; NCCL can only reduce a matrix on the GPU."""
+    matrix = ConfusionMatrix(3, 255, device="meta")
+    matrix.update_numpy(np.array([[0, 1], [2, 2]]), np.array([[0, 1], [2, 255]]))
+    assert matrix.mat.device.type == "cpu"
+    matrix.reduce()
+    assert matrix.mat.device.type == "meta"

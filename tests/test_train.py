@@ -159,3 +159,14 @@ def test_fresh_run_moves_an_earlier_runs_checkpoints_aside(tiny_toy, tmp_path):
     assert [p.name for p in model_dir.glob("train_epoch_*.pth")] == ["train_epoch_1.pth"]
     archived = list(model_dir.glob("previous-*/train_epoch_3.pth"))
     assert len(archived) == 1 and "moved them to" in out.stdout + out.stderr
+
+
+def test_resume_may_switch_to_fp16_amp(tiny_toy, tmp_path):
+    """A checkpoint saved without fp16 has no grad-scaler state; resuming with fp16 starts a fresh scaler."""
+    cfg = write_config(tmp_path / "run" / "cfg.yaml", tiny_toy, TRAIN={"print_freq": 4})
+    out = run_tool("train.py", f"--config={cfg}", "TRAIN.epochs", "1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_tool("train.py", f"--config={cfg}", "TRAIN.resume", "auto", "TRAIN.amp", "fp16")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "was saved without fp16 AMP: the grad scaler starts fresh" in out.stdout
+    assert torch.load(tmp_path / "run" / "model" / "train_epoch_2.pth", weights_only=True)["scaler"]

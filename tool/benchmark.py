@@ -279,6 +279,10 @@ def main() -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"\nJSON written to {args.json}")
+    failed = [r for r in result.get("training", []) if "error" in r]
+    if failed:  # a crashed mode must fail scripts such as tool/gpu_check.sh, not just print a row
+        sys.exit("error: training failed for " + "; ".join(
+            f"amp {r['amp']} channels_last {r['channels_last']} ({r['error']})" for r in failed))
 
 
 if __name__ == "__main__":

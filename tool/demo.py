@@ -69,7 +69,8 @@ def main() -> None:
     for done, path in enumerate(images, start=1):
         image = read_image_rgb(str(path))
         probs = multi_scale_predict(model, [resize_image(image, s) for s in long_sizes], image.shape[:2], cfg.classes,
-                                    cfg.test_h, cfg.test_w, cfg.stride_rate, cfg.flip, cfg.test_batch_size, device)
+                                    cfg.test_h, cfg.test_w, cfg.stride_rate, cfg.flip, cfg.test_batch_size, device,
+                                    channels_last=cfg.channels_last)
         pred = probs.argmax(0).to(torch.uint8).cpu().numpy()
         color = colorize(pred, colors)
         overlay = (image * (1 - args.alpha) + color * args.alpha).clip(0, 255).astype(np.uint8)

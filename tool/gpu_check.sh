@@ -1,7 +1,8 @@
 #!/bin/bash
 # GPU checks behind the README's GPU rows, in one run (a few minutes on one GPU):
-#   1. the CUDA tests (psa_mask, SyncBatchNorm conversion, AMP training, batched inference);
-#   2. PSPNet-50 for a few iterations through torchrun with sync_bn and bf16 AMP + channels_last;
+#   1. the CUDA tests (psa_mask, SyncBatchNorm, AMP training, batched inference, test.py on CUDA);
+#   2. PSPNet-50 for a few iterations through torchrun, one process per GPU, with sync_bn and bf16
+#      AMP + channels_last (SyncBatchNorm only synchronises with 2 or more GPUs);
 #   3. tool/benchmark.py at PSPNet-50 sizes (crop 473, batch 8; 150 classes on a 512x683 image).
 #   bash tool/gpu_check.sh [output folder, default exp/gpu_check]
 set -uo pipefail
@@ -10,15 +11,18 @@ cd "$(dirname "$0")/.."
 out=${1:-exp/gpu_check}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA device visible')" || exit 1
+gpus=$(python -c "import torch; print(torch.cuda.device_count())")
 nvidia-smi -L 2>&1 | tee "$out/device.txt"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/device.txt"
 python tool/make_toy_dataset.py
 python -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log" || rc=1
-head -32 dataset/toy/train.txt > "$out/train32.txt"
-python -m torch.distributed.run --standalone --nproc_per_node=1 tool/train.py \
+[ "$gpus" -ge 2 ] || echo "one GPU: the torchrun step runs one process, so SyncBatchNorm has nothing to synchronise"
+head -$((16 * gpus)) dataset/toy/train.txt > "$out/train_subset.txt"  # 4 iterations of 4 images per GPU
+python -m torch.distributed.run --standalone --nproc_per_node="$gpus" tool/train.py \
   --config=config/toy/toy_pspnet18.yaml TRAIN.layers 50 TRAIN.train_h 473 TRAIN.train_w 473 \
-  TRAIN.batch_size 8 TRAIN.epochs 1 TRAIN.sync_bn True TRAIN.amp bf16 TRAIN.channels_last True \
-  TRAIN.print_freq 1 DATA.train_list "$out/train32.txt" TRAIN.save_path "$out/pspnet50" 2>&1 \
+  TRAIN.batch_size $((4 * gpus)) TRAIN.epochs 1 TRAIN.sync_bn True TRAIN.amp bf16 TRAIN.channels_last True \
+  TRAIN.print_freq 1 DATA.train_list "$out/train_subset.txt" TRAIN.save_path "$out/pspnet50" 2>&1 \
   | tee "$out/pspnet50_torchrun.log" || rc=1
 python tool/benchmark.py --train-layers 50 --train-crop 473 --train-batch 8 --train-samples 48 \
   --eval-layers 50 --eval-classes 150 --eval-size 512x683 --eval-crop 473 --psa-size 465 \

@@ -39,7 +39,8 @@ from util.cli import Progress, run_main, setup_logging  # noqa: E402
 from util.config import Config, add_config_arguments, describe_schema, load_config  # noqa: E402
 from util.dataset import dataset_from_config  # noqa: E402
 from util.distributed import (DistInfo, GlobalBatchSampler, broadcast_object, cleanup_distributed,  # noqa: E402
-                              detect_launch, init_distributed, local_world_size, shard_indices)
+                              detect_launch, init_distributed, local_world_size, shard_indices,
+                              visible_devices)
 from util.errors import ConfigError, UserError  # noqa: E402
 from util.loss import count_valid, label_at_output_size, segmentation_loss  # noqa: E402
 from util.metrics import ConfusionMatrix, format_scores_table  # noqa: E402
@@ -185,7 +186,10 @@ def train_worker(cfg: Config) -> None:
         check_training_checkpoint(ckpt, resume_path)
         load_model_state(net, ckpt, resume_path, "TRAIN.resume")
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if scaler.is_enabled() and ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
+        elif scaler.is_enabled():
+            logger.info("%s was saved without fp16 AMP: the grad scaler starts fresh", resume_path)
         set_rng_state(ckpt["rng"])
         start_epoch, best_miou = ckpt["epoch"], ckpt["best_miou"]
         logger.info("resumed from %s (epoch %d done)", resume_path, start_epoch)
@@ -339,11 +343,11 @@ def check_finite(first_bad: torch.Tensor, epoch: int, steps: int, info: DistInfo
             f"TRAIN.resume auto")
 
 
-def spawn_worker(local_rank: int, cfg: Config, gpus: list[int]) -> None:
+def spawn_worker(local_rank: int, cfg: Config, gpus: int) -> None:
     """Child of a plain-python multi-GPU launch: joins the group through the env:// variables."""
     url = urlparse(cfg.dist_url)
-    os.environ.update(RANK=str(cfg.rank * len(gpus) + local_rank), LOCAL_RANK=str(local_rank),
-                      WORLD_SIZE=str(cfg.world_size * len(gpus)), LOCAL_WORLD_SIZE=str(len(gpus)),
+    os.environ.update(RANK=str(cfg.rank * gpus + local_rank), LOCAL_RANK=str(local_rank),
+                      WORLD_SIZE=str(cfg.world_size * gpus), LOCAL_WORLD_SIZE=str(gpus),
                       MASTER_ADDR=url.hostname or "127.0.0.1", MASTER_PORT=str(url.port or 29500))
     run_main(lambda: train_worker(cfg))
 
@@ -352,12 +356,14 @@ def main() -> None:
     args = parse_args()
     cfg = load_config(args.config, args.opts)
     launched = detect_launch(os.environ).launcher != "single"
-    gpus = cfg.train_gpu or list(range(torch.cuda.device_count()))
-    if not launched and cfg.multiprocessing_distributed and torch.cuda.is_available() and (
-            len(gpus) > 1 or cfg.world_size > 1):
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+    if not launched and cfg.train_gpu:  # before any CUDA call, so that this launch sees only these GPUs
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices(cfg.train_gpu, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    gpus = torch.cuda.device_count()
+    if cfg.train_gpu and 0 < gpus < len(cfg.train_gpu):
+        logger.warning("TRAIN.train_gpu lists %d GPUs but %d exist; using %d", len(cfg.train_gpu), gpus, gpus)
+    if not launched and cfg.multiprocessing_distributed and gpus > 0 and (gpus > 1 or cfg.world_size > 1):
         try:
-            mp.spawn(spawn_worker, args=(cfg, gpus), nprocs=len(gpus))
+            mp.spawn(spawn_worker, args=(cfg, gpus), nprocs=gpus)
         except mp.ProcessException as e:  # the failing child has printed its own reason
             sys.exit(f"training stopped: {str(e).splitlines()[0]}")
         return

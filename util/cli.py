@@ -2,8 +2,9 @@
 
 A UserError (bad config, data, checkpoint or path) prints one line naming the culprit and exits
 with status 2; `--debug` on the command line or SEMSEG_DEBUG=1 shows the full traceback instead.
-A data-loader worker that died (usually the out-of-memory killer) and an OSError in a library's
-exit-time clean-up (TensorBoard flushing to a full disk) also get one line each. Anything else is
+Running out of memory (a data-loader worker killed by the out-of-memory killer, CUDA out of
+memory) exits with status 1 and one line, and an OSError in a library's exit-time clean-up
+(TensorBoard flushing to a full disk) is one warning line. Anything else is
 a bug and keeps its traceback.
 """
 from __future__ import annotations
@@ -55,6 +56,21 @@ def user_error_message(err: BaseException) -> str:
 
 
 WORKER_DIED = "DataLoader worker (pid"  # how torch's RuntimeError starts when a worker process dies
+RESUME_HINT = "training goes on from its last checkpoint with TRAIN.resume auto"
+
+
+def out_of_resources_message(err: RuntimeError) -> str | None:
+    """One line for running out of host or GPU memory (not a bug, not a user mistake), else None."""
+    text = str(err)
+    if text.startswith(WORKER_DIED):
+        return (f"{text}: a data-loader worker process died, most often killed by the out-of-memory "
+                f"killer (see dmesg); lower the data workers or the batch size, or free memory, then run "
+                f"again ({RESUME_HINT})")
+    if type(err).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+        first = ". ".join(text.split(". ")[:2]).splitlines()[0].rstrip(".")
+        return (f"{first}: the GPU ran out of memory; lower TRAIN.batch_size (TRAIN.accum_steps keeps the global "
+                f"batch), the crop, or TEST.test_batch_size for evaluation, or use TRAIN.amp bf16 ({RESUME_HINT})")
+    return None
 
 
 def _qualified_name(thing) -> str:
@@ -96,11 +112,10 @@ def run_main(main: Callable[[], int | None]) -> None:
         print(f"error: {user_error_message(err)}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as err:
-        if debug_enabled() or not str(err).startswith(WORKER_DIED):
+        reason = None if debug_enabled() else out_of_resources_message(err)
+        if reason is None:
             raise
-        print(f"error: {err}: a data-loader worker process died, most often killed by the out-of-memory "
-              "killer (see dmesg); lower the data workers or the batch size, or free memory, then run "
-              "again (training goes on from its last checkpoint with TRAIN.resume auto)", file=sys.stderr)
+        print(f"error: {reason}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

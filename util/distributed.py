@@ -167,10 +167,28 @@ def _resolve_backend(cfg_backend: str) -> str:
     return cfg_backend
 
 
-def _select_device(local_rank: int) -> torch.device:
+def visible_devices(train_gpu: list[int], current: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES for a launch on TRAIN.train_gpu. The indices count within what is
+    visible already (a scheduler's `2,3`, UUIDs or MIG names), as CUDA numbers them; an empty
+    setting (GPUs deliberately hidden) stays empty."""
+    if current is None:
+        return ",".join(str(g) for g in train_gpu)
+    if not current.strip():
+        return current
+    visible = [entry.strip() for entry in current.split(",")]
+    outside = [g for g in train_gpu if not 0 <= g < len(visible)]
+    if outside:
+        raise ConfigError(f"TRAIN.train_gpu {train_gpu}: {outside} not among the {len(visible)} GPU(s) of "
+                          f"CUDA_VISIBLE_DEVICES={current} (numbered 0..{len(visible) - 1})")
+    return ",".join(visible[g] for g in train_gpu)
+
+
+def _select_device(local_rank: int, launcher: str) -> torch.device:
     if not torch.cuda.is_available():
         return torch.device("cpu")
     count = torch.cuda.device_count()
+    if count == 1 and launcher == "slurm":  # srun --gpus-per-task: each task sees only its own GPU
+        local_rank = 0
     if local_rank >= count:
         raise ConfigError(f"local rank {local_rank} has no GPU: this node shows {count}; "
                           "start at most one process per visible GPU")
@@ -190,14 +208,14 @@ def init_distributed(cfg_backend: str = "auto", dist_timeout_s: float = DEFAULT_
     backend = _resolve_backend(cfg_backend)
     if dist_timeout_s <= 0:
         raise ConfigError(f"dist_timeout: expected a positive number of seconds, got {dist_timeout_s}")
-    device = _select_device(launch.local_rank)
+    device = _select_device(launch.local_rank, launch.launcher)
     if launch.world_size > 1:
         # torchrun's agent already serves a store at MASTER_ADDR:PORT that env:// reuses.
         init_method = ("env://" if launch.launcher == "torchrun"
                        else f"tcp://{launch.master_addr}:{launch.master_port}")
         dist.init_process_group(backend, init_method=init_method, rank=launch.rank,
-                                world_size=launch.world_size,
-                                timeout=timedelta(seconds=dist_timeout_s))
+                                world_size=launch.world_size, timeout=timedelta(seconds=dist_timeout_s),
+                                device_id=device if backend == "nccl" else None)  # NCCL: barriers know the GPU
     return DistInfo(launch.rank, launch.local_rank, launch.world_size, device, launch.rank == 0)
 
 

@@ -100,6 +100,7 @@ class ConfusionMatrix:
         """Sum the matrices of all processes (all must call this); no-op without a process group."""
         if self.mat is None:  # this process saw no images (more processes than images)
             self.mat = torch.zeros(self.classes, self.classes, dtype=torch.long, device=self.device)
+        self.mat = self.mat.to(self.device)  # update_numpy counts on the CPU, and NCCL reduces CUDA tensors only
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(self.mat)
 
