@@ -115,3 +115,17 @@ def test_many_classes_as_ade20k():
 def test_output_names_same_stem_other_extension(tmp_path):
     names = output_names([f"{tmp_path}/a/x.jpg", f"{tmp_path}/a/x.png", f"{tmp_path}/b/x.jpg"], str(tmp_path))
     assert len(set(names)) == 3 and names[2] == "b/x" and all(n.startswith("a/x_") for n in names[:2])
+
+
+def test_bf16_network_keeps_float32_probabilities_close_to_fp32():
+    """TEST.test_amp bf16: the network runs in bf16 (results move), softmax and averaging stay float32."""
+    image = cv2.GaussianBlur((np.random.default_rng(6).random((45, 90, 3)) * 255).astype(np.float32), (5, 5), 0)
+    model = TinySegNet(5, 6).eval()
+    scaled = [resize_image(image, s) for s in (68, 90)]
+    fp32 = multi_scale_predict(model, scaled, (45, 90), 5, 33, 33)
+    bf16 = multi_scale_predict(model, scaled, (45, 90), 5, 33, 33, amp="bf16")
+    assert bf16.dtype == torch.float32
+    assert not torch.equal(bf16, fp32)
+    assert (bf16 - fp32).abs().max() < 0.02
+    assert torch.allclose(bf16.sum(0), torch.ones(45, 90), atol=1e-5)
+    assert (bf16.argmax(0) == fp32.argmax(0)).float().mean() > 0.98

@@ -1,5 +1,7 @@
 """End-to-end training on the tiny toy data: outputs, process-count independence, resume, schedule."""
+import os
 import re
+import struct
 import sys
 
 import pytest
@@ -25,15 +27,37 @@ def assert_same_weights(a, b, atol=1e-5):
             assert torch.equal(a[k], b[k]), k
 
 
+def event_scalars(model_dir) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] from the TensorBoard event files (TFRecord: length, crc, event, crc)."""
+    from tensorboardX.proto import event_pb2
+    scalars = {}
+    for path in sorted(model_dir.glob("events.out.tfevents*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            length = struct.unpack("<Q", data[pos:pos + 8])[0]
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
 def test_short_run_writes_checkpoint_events_log_and_config(tiny_toy, tmp_path):
     cfg = write_config(tmp_path / "run" / "cfg.yaml", tiny_toy, TRAIN={"evaluate": True, "epochs": 1})
     out = run_tool("train.py", f"--config={cfg}")
     assert out.returncode == 0, out.stderr[-3000:]
     model_dir = tmp_path / "run" / "model"
     assert (model_dir / "train_epoch_1.pth").is_file() and (model_dir / "best.pth").is_file()
-    assert list(model_dir.glob("events.out.tfevents*")), "no TensorBoard event file"
+    scalars = event_scalars(model_dir)
+    assert {"loss_train_batch", "allAcc_train_batch", "lr", "mIoU_train", "mAcc_train", "allAcc_train",
+            "mIoU_val", "mAcc_val", "allAcc_val"} <= scalars.keys()
     logs = list(model_dir.glob("train-*.log"))
-    assert logs and "validation mIoU" in logs[0].read_text()
+    for what, tag in (("training", "train"), ("validation", "val")):
+        logged = re.search(rf"epoch 1/1 {what} mIoU ([0-9.]+) mAcc ([0-9.]+) allAcc ([0-9.]+)", logs[0].read_text())
+        assert logged, what
+        for name, text in zip(("mIoU", "mAcc", "allAcc"), logged.groups()):
+            (step, value), = scalars[f"{name}_{tag}"]
+            assert step == 1 and abs(value - float(text)) < 6e-5, (name, tag, value, text)
     assert load_config(model_dir / "config.yaml").epochs == 1
     ckpt = torch.load(model_dir / "train_epoch_1.pth", map_location="cpu", weights_only=True)
     assert {"epoch", "state_dict", "optimizer", "scaler", "best_miou", "rng"} <= ckpt.keys()
@@ -153,6 +177,7 @@ def test_fresh_run_moves_an_earlier_runs_checkpoints_aside(tiny_toy, tmp_path):
     cfg = write_config(tmp_path / "run" / "cfg.yaml", tiny_toy, DATA={"train_list": str(tmp_path / "train4.txt")},
                        TRAIN={"epochs": 3, "keep_checkpoints": 1})
     assert run_tool("train.py", f"--config={cfg}").returncode == 0
+    assert [p.name for p in (tmp_path / "run" / "model").glob("train_epoch_*.pth")] == ["train_epoch_3.pth"]
     out = run_tool("train.py", f"--config={cfg}", "TRAIN.epochs", "1")
     assert out.returncode == 0, out.stderr[-3000:]
     model_dir = tmp_path / "run" / "model"
@@ -170,3 +195,45 @@ def test_resume_may_switch_to_fp16_amp(tiny_toy, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "was saved without fp16 AMP: the grad scaler starts fresh" in out.stdout
     assert torch.load(tmp_path / "run" / "model" / "train_epoch_2.pth", weights_only=True)["scaler"]
+
+
+def _validation_counts(rank: int, world: int, port: int, cfg_path: str, out_dir: str) -> None:
+    """One process of a validation run inside training: same initial weights everywhere."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU arithmetic on a GPU machine too
+    torch.set_num_threads(1)
+    from tool.train import make_val_loader, validate
+    from util.distributed import cleanup_distributed, init_distributed
+    env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)} if world > 1 else {}
+    os.environ.update(env)  # env:// reads the rendezvous address from the environment
+    cfg = load_config(cfg_path)
+    info = init_distributed("gloo", 60, env=env)
+    torch.manual_seed(0)
+    scores = validate(build_model(cfg), make_val_loader(cfg, info, workers=0), cfg, info)
+    cleanup_distributed()
+    torch.save({"intersection": scores.intersection, "union": scores.union, "target": scores.target,
+                "miou": scores.miou}, f"{out_dir}/rank{rank}_of_{world}.pt")
+
+
+def test_validation_during_training_merges_uneven_shards_exactly(tiny_toy, tmp_path):
+    """7 val images over 2 processes (4 + 3), one image per forward: the merged per-class areas equal
+    the single process's exactly, so mIoU does too."""
+    import socket
+    import torch.multiprocessing as mp
+    (tmp_path / "val7.txt").write_text("".join((tiny_toy / "val.txt").read_text().splitlines(True)[:7]))
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_toy, DATA={"val_list": str(tmp_path / "val7.txt")},
+                       TRAIN={"batch_size_val": 1})
+    _validation_counts(0, 1, 0, str(cfg), str(tmp_path))
+    cfg2 = write_config(tmp_path / "two" / "cfg.yaml", tiny_toy, DATA={"val_list": str(tmp_path / "val7.txt")},
+                        TRAIN={"batch_size_val": 2})  # 1 per process
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_validation_counts, args=(2, port, str(cfg2), str(tmp_path)), nprocs=2, join=True)
+    one = torch.load(tmp_path / "rank0_of_1.pt", weights_only=False)
+    assert one["target"].sum() > 0 and one["intersection"].sum() > 0
+    for rank in range(2):
+        two = torch.load(tmp_path / f"rank{rank}_of_2.pt", weights_only=False)
+        for key in ("intersection", "union", "target"):
+            assert (two[key] == one[key]).all(), (key, two[key], one[key])
+        assert two["miou"] == one["miou"]

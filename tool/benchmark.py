@@ -119,41 +119,43 @@ class TimedModel(torch.nn.Module):
 
 
 def bench_evaluation(layers: int, classes: int, size: tuple[int, int], crop: int, device: torch.device,
-                     repeats: int) -> dict:
-    """Seconds per image: batched (ours), per-window reference, and the network alone."""
+                     repeats: int, amps: list[str]) -> list[dict]:
+    """Seconds per image: batched (ours, per TEST.test_amp mode), the per-window float32 reference,
+    and the network alone; one row per mode."""
     torch.manual_seed(0)
     model = PSPNet(layers=layers, classes=classes).to(device).eval()
     rng = np.random.default_rng(0)
     image = (rng.random((*size, 3)) * 255).astype(np.float32)
     base_size = max(size)
     scaled = [resize_image(image, base_size)]
+    timed = TimedModel(model, device)
 
-    def ours():
-        probs = multi_scale_predict(model, scaled, size, classes, crop, crop, 2 / 3, True, 0, device)
-        probs.argmax(0).cpu()
+    def ours(net: torch.nn.Module, amp: str) -> float:
+        start = time.perf_counter()
+        multi_scale_predict(net, scaled, size, classes, crop, crop, 2 / 3, True, 0, device, amp=amp).argmax(0).cpu()
+        return time.perf_counter() - start
 
     def reference():
         reference_predict(model, image, classes, crop, crop, base_size, [1.0], 2 / 3, True, torch.float32,
                           device).argmax(2)
 
-    timed = TimedModel(model, device)
-
-    def timed_run() -> tuple[float, float]:
+    def timed_run(amp: str) -> tuple[float, float]:
         """(total, network) seconds of one image, the network timed inside the same run."""
         timed.seconds = 0.0
-        start = time.perf_counter()
-        probs = multi_scale_predict(timed, scaled, size, classes, crop, crop, 2 / 3, True, 0, device)
-        probs.argmax(0).cpu()
-        return time.perf_counter() - start, timed.seconds
+        return ours(timed, amp), timed.seconds
 
-    with torch.inference_mode():
-        t_ours = best_time(ours, device, repeats)
-        t_ref = best_time(reference, device, max(1, repeats // 2))
-        total, network = min(timed_run() for _ in range(repeats + 1))
     windows = len(window_grid(max(size[0], crop), max(size[1], crop), crop, crop, 2 / 3))
-    return {"model": f"PSPNet-{layers}", "classes": classes, "image": f"{size[0]}x{size[1]}", "crop": crop,
-            "windows": windows, "ours_s": t_ours, "reference_s": t_ref, "speedup": t_ref / t_ours,
-            "network_s": network, "overhead_pct": 100 * max(0.0, total - network) / total}
+    rows = []
+    with torch.inference_mode():
+        t_ref = best_time(reference, device, max(1, repeats // 2))
+        for amp in amps:
+            t_ours = best_time(lambda: ours(model, amp), device, repeats)
+            total, network = min(timed_run(amp) for _ in range(repeats + 1))
+            rows.append({"model": f"PSPNet-{layers}", "classes": classes, "image": f"{size[0]}x{size[1]}",
+                         "crop": crop, "windows": windows, "amp": amp, "ours_s": t_ours, "reference_s": t_ref,
+                         "speedup": t_ref / t_ours, "network_s": network,
+                         "overhead_pct": 100 * max(0.0, total - network) / total})
+    return rows
 
 
 def bench_memory(layers: int, classes: int, size: tuple[int, int], crop: int, scales: list[float],
@@ -212,12 +214,14 @@ def print_tables(result: dict) -> None:
             else:
                 print(f"| {r['amp']} | {r['channels_last']} | {r['images_per_s']:.2f} | {r['data_wait_pct']:.1f}% "
                       f"| {r['peak_rss_mib']} | {r['cuda_max_alloc_mib']} |")
+    if result.get("evaluation"):
+        print("\n| model | image | windows | test_amp | ours (s/img) | reference, fp32 (s/img) | speed-up "
+              "| network (s) | overhead |")
+        print("|---|---|---|---|---|---|---|---|---|")
     for e in result.get("evaluation", []):
-        print("\n| model | image | windows | ours (s/img) | reference (s/img) | speed-up | network (s) | overhead |")
-        print("|---|---|---|---|---|---|---|---|")
         print(f"| {e['model']} {e['classes']} cl. | {e['image']} crop {e['crop']} | {e['windows']} x2 flip "
-              f"| {e['ours_s']:.3f} | {e['reference_s']:.3f} | {e['speedup']:.2f}x | {e['network_s']:.3f} "
-              f"| {e['overhead_pct']:.1f}% |")
+              f"| {e['amp']} | {e['ours_s']:.3f} | {e['reference_s']:.3f} | {e['speedup']:.2f}x "
+              f"| {e['network_s']:.3f} | {e['overhead_pct']:.1f}% |")
     if result.get("memory"):
         m = result["memory"]
         print(f"\nmemory: {m['model']} {m['classes']} classes, {m['image']} image, window {m['crop']}, scales "
@@ -245,6 +249,7 @@ def main() -> None:
     parser.add_argument("--eval-classes", type=int, default=6, help="classes for (b)")
     parser.add_argument("--eval-size", default="160x200", help="image HxW for (b)")
     parser.add_argument("--eval-crop", type=int, default=97, help="window side for (b)")
+    parser.add_argument("--eval-amp", default="off,bf16", help="TEST.test_amp modes timed for (b), comma list")
     parser.add_argument("--eval-scales", default="0.5,0.75,1.0,1.25,1.5,1.75", help="scales for the memory section")
     parser.add_argument("--psa-size", type=int, default=233, help="PSANet-50 input side for (c)")
     parser.add_argument("--only", default="train,eval,psa", help="comma list of sections: train, eval, memory, psa")
@@ -265,8 +270,8 @@ def main() -> None:
     if "eval" in sections:
         print("evaluation ...", flush=True)
         h, w = (int(v) for v in args.eval_size.split("x"))
-        result["evaluation"] = [bench_evaluation(args.eval_layers, args.eval_classes, (h, w), args.eval_crop,
-                                                 device, args.repeats)]
+        result["evaluation"] = bench_evaluation(args.eval_layers, args.eval_classes, (h, w), args.eval_crop,
+                                                device, args.repeats, args.eval_amp.split(","))
     if "memory" in sections:
         print("evaluation memory ...", flush=True)
         h, w = (int(v) for v in args.eval_size.split("x"))

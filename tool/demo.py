@@ -70,7 +70,7 @@ def main() -> None:
         image = read_image_rgb(str(path))
         probs = multi_scale_predict(model, [resize_image(image, s) for s in long_sizes], image.shape[:2], cfg.classes,
                                     cfg.test_h, cfg.test_w, cfg.stride_rate, cfg.flip, cfg.test_batch_size, device,
-                                    channels_last=cfg.channels_last)
+                                    channels_last=cfg.channels_last, amp=cfg.test_amp)
         pred = probs.argmax(0).to(torch.uint8).cpu().numpy()
         color = colorize(pred, colors)
         overlay = (image * (1 - args.alpha) + color * args.alpha).clip(0, 255).astype(np.uint8)

@@ -128,7 +128,7 @@ def predict_and_save(cfg, info, dataset, shard, indices, name_of, colors, matrix
     for done, (index, image, label, scaled) in enumerate(loader, start=1):
         probs = multi_scale_predict(model, scaled, tuple(image.shape[:2]), cfg.classes,
                                     cfg.test_h, cfg.test_w, cfg.stride_rate, cfg.flip, cfg.test_batch_size,
-                                    info.device, channels_last=cfg.channels_last)
+                                    info.device, channels_last=cfg.channels_last, amp=cfg.test_amp)
         pred = probs.argmax(0)
         if label is not None:
             matrix.update(pred, torch.as_tensor(np.asarray(label)).to(info.device))

@@ -46,10 +46,10 @@ from util.loss import count_valid, label_at_output_size, segmentation_loss  # no
 from util.metrics import ConfusionMatrix, format_scores_table  # noqa: E402
 from util.optim import build_optimizer, set_poly_lr  # noqa: E402
 from util.palette import read_names  # noqa: E402
+from util.precision import autocast  # noqa: E402
 from util.transform import build_train_transform, build_val_transform  # noqa: E402
 
 logger = logging.getLogger("train")
-AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TrainingDiverged(UserError):
@@ -109,12 +109,6 @@ def prepare_model(cfg: Config, info: DistInfo) -> torch.nn.Module:
     return model
 
 
-def autocast(cfg: Config, device: torch.device):
-    if cfg.amp == "off":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=AMP_DTYPES[cfg.amp])
-
-
 @torch.no_grad()
 def validate(model: torch.nn.Module, loader: DataLoader, cfg: Config, info: DistInfo):
     """Centre-crop validation on this process's shard; confusion matrices merged across processes."""
@@ -124,7 +118,7 @@ def validate(model: torch.nn.Module, loader: DataLoader, cfg: Config, info: Dist
         image = image.to(info.device, non_blocking=True)
         if cfg.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
-        with autocast(cfg, info.device):
+        with autocast(cfg.amp, info.device):
             logits = model(image)
         matrix.update(logits.argmax(1), label_at_output_size(label.to(info.device), cfg.zoom_factor))
     matrix.reduce()
@@ -223,19 +217,16 @@ def train_worker(cfg: Config) -> None:
         sampler.set_epoch(epoch)
         model.train()
         epoch_start = time.perf_counter()
-        wait = train_one_epoch(cfg, info, model, train_loader, optimizer, scaler, epoch, steps, max_iter, progress,
-                               writer)
+        wait, train_scores = train_one_epoch(cfg, info, model, train_loader, optimizer, scaler, epoch, steps,
+                                             max_iter, progress, writer)
         log_epoch_speed(epoch, steps * cfg.batch_size, time.perf_counter() - epoch_start, wait, info.device)
+        log_scores("training", "train", train_scores, epoch, cfg, writer)
         is_best = False
         if val_loader is not None:
             scores = validate(net, val_loader, cfg, info)  # unwrapped: shards may differ in length
             is_best = scores.miou > best_miou
             best_miou = max(best_miou, scores.miou)
-            logger.info("epoch %d/%d validation mIoU %.4f mAcc %.4f allAcc %.4f", epoch + 1, cfg.epochs,
-                        scores.miou, scores.macc, scores.allacc)
-            if writer is not None:
-                for name, value in (("mIoU_val", scores.miou), ("mAcc_val", scores.macc), ("allAcc_val", scores.allacc)):
-                    writer.add_scalar(name, value, epoch + 1)
+            log_scores("validation", "val", scores, epoch, cfg, writer)
         epoch_file = (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs
         if info.is_main and (epoch_file or is_best):
             for path in save_checkpoint(cfg, epoch + 1, (epoch + 1) * steps, net, optimizer, scaler, best_miou,
@@ -260,11 +251,22 @@ def log_epoch_speed(epoch: int, images: int, seconds: float, data_wait: float, d
                 "CUDA max allocated %.0f MiB", epoch + 1, images / seconds, 100 * data_wait / seconds, rss, cuda)
 
 
-def train_one_epoch(cfg, info, model, loader, optimizer, scaler, epoch, steps, max_iter, progress, writer) -> float:
+def log_scores(what: str, tag: str, scores, epoch: int, cfg: Config, writer) -> None:
+    """The epoch's mIoU / mAcc / allAcc in the log and as TensorBoard scalars <name>_<tag>."""
+    logger.info("epoch %d/%d %s mIoU %.4f mAcc %.4f allAcc %.4f", epoch + 1, cfg.epochs, what,
+                scores.miou, scores.macc, scores.allacc)
+    if writer is not None:
+        for name, value in (("mIoU", scores.miou), ("mAcc", scores.macc), ("allAcc", scores.allacc)):
+            writer.add_scalar(f"{name}_{tag}", value, epoch + 1)
+
+
+def train_one_epoch(cfg, info, model, loader, optimizer, scaler, epoch, steps, max_iter, progress, writer):
     """One pass over the global batches; host-device syncs only at print_freq (fp16's grad scaler
-    also checks for inf gradients every step). Returns seconds spent waiting for data."""
+    also checks for inf gradients every step). Returns (seconds spent waiting for data, the scores
+    of the training predictions over the epoch, as semseg reports them)."""
     device = info.device
     stats = torch.zeros(4, device=device, dtype=torch.float64)  # main loss, aux loss, correct px, valid px
+    matrix = ConfusionMatrix(cfg.classes, cfg.ignore_label, device)
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     data_time = batch_time = total_wait = 0.0
     logged_steps = 0
@@ -285,15 +287,17 @@ def train_one_epoch(cfg, info, model, loader, optimizer, scaler, epoch, steps, m
         normaliser = valid.clamp(min=1) / info.world_size  # DDP averages gradients over processes
         for k, (image, label) in enumerate(zip(images, labels)):
             sync = k == len(images) - 1 or not info.distributed
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast(cfg, device):
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast(cfg.amp, device):
                 main, aux = model(image, return_aux=True)
                 loss, main_loss, aux_loss = segmentation_loss(main, aux, label, cfg.aux_weight, cfg.ignore_label,
                                                               normaliser)
             scaler.scale(loss).backward()
             with torch.no_grad():
                 mask = label != cfg.ignore_label
+                pred = main.argmax(1)
                 stats += torch.stack([main_loss.detach().double(), aux_loss.detach().double(),
-                                      ((main.argmax(1) == label) & mask).sum().double(), mask.sum().double()])
+                                      ((pred == label) & mask).sum().double(), mask.sum().double()])
+                matrix.update(pred, label)
                 bad = ~torch.isfinite(loss.detach())
                 first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
         scaler.step(optimizer)
@@ -314,14 +318,15 @@ def train_one_epoch(cfg, info, model, loader, optimizer, scaler, epoch, steps, m
                         loss_main / n, loss_aux / n, correct / max(total, 1),
                         lr, data_time / logged_steps, batch_time / logged_steps, progress.line(current_iter))
             if writer is not None:
-                writer.add_scalar("loss_train", loss_main / n, current_iter)
-                writer.add_scalar("allAcc_train", correct / max(total, 1), current_iter)
+                writer.add_scalar("loss_train_batch", loss_main / n, current_iter)  # semseg's per-iteration tags
+                writer.add_scalar("allAcc_train_batch", correct / max(total, 1), current_iter)
                 writer.add_scalar("lr", lr, current_iter)
             stats.zero_()
             data_time = batch_time = 0.0
             logged_steps = 0
         end = time.perf_counter()
-    return total_wait
+    matrix.reduce()
+    return total_wait, matrix.compute()
 
 
 def check_finite(first_bad: torch.Tensor, epoch: int, steps: int, info: DistInfo, cfg: Config) -> None:

@@ -123,6 +123,8 @@ SCHEMA: tuple[Field, ...] = (
     _f("TEST", "flip", "bool", True, "average each window with its horizontal flip"),
     _f("TEST", "stride_rate", "float", 2.0 / 3.0, "window stride as a fraction of the window"),
     _f("TEST", "test_batch_size", "int", 0, "windows (flips included) per network forward; 0 = 8 on GPU, 2 on CPU"),
+    _f("TEST", "test_amp", "str", "off", "precision of the network in evaluation: off (float32), bf16 or fp16; "
+       "softmax and averaging stay float32", ("off", "fp16", "bf16")),
     _f("TEST", "has_prediction", "bool", False, "score the PNGs already in save_folder/gray without a model"),
     _f("TEST", "index_start", "int", 0, "first list line to evaluate"),
     _f("TEST", "index_step", "int", 0, "number of list lines to evaluate; 0 = to the end"),

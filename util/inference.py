@@ -7,9 +7,10 @@ with that of its horizontal flip, average overlapping windows, crop the padding 
 class-probability map (bilinear) to the original size; then average the scales and take the argmax.
 
 Unlike the reference, the windows of an image (and their flips) go through the network in batches
-of `batch_size`; normalisation, accumulation and resizing run on the device (float32 by default),
-so the caller's argmax runs there too; and the overlap count comes from per-row and per-column
-counts instead of being added up window by window.
+of `batch_size` (optionally in bf16 / fp16: TEST.test_amp); normalisation, softmax, accumulation
+and resizing run on the device (float32 by default), so the caller's argmax runs there too; and
+the overlap count comes from per-row and per-column counts instead of being added up window by
+window.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from util.precision import autocast
 from util.transform import MEAN, STD
 
 
@@ -84,10 +86,12 @@ def window_coverage(size: int, crop: int, starts: list[int]) -> torch.Tensor:
 @torch.inference_mode()
 def sliding_window_predict(model: torch.nn.Module, image: torch.Tensor, classes: int, crop_h: int, crop_w: int,
                            stride_rate: float = 2 / 3, flip: bool = True, batch_size: int = 8,
-                           channels_last: bool = False) -> torch.Tensor:
+                           channels_last: bool = False, amp: str = "off") -> torch.Tensor:
     """Class probabilities (classes, H, W) of one normalised 3xHxW image, on the image's device.
 
-    Padding with zeros in normalised space equals the reference's padding with the mean.
+    Padding with zeros in normalised space equals the reference's padding with the mean. `amp`
+    (off | bf16 | fp16) is the precision of the network alone; its logits are cast back before
+    the softmax.
     """
     _, h, w = image.shape
     pad_h, pad_w = max(crop_h - h, 0), max(crop_w - w, 0)
@@ -104,7 +108,9 @@ def sliding_window_predict(model: torch.nn.Module, image: torch.Tensor, classes:
         batch = torch.cat([crops, crops.flip(3)]) if flip else crops
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        logits = model(batch).to(image.dtype)
+        with autocast(amp, image.device):
+            logits = model(batch)
+        logits = logits.to(image.dtype)
         if logits.shape[-2:] != (crop_h, crop_w):
             logits = F.interpolate(logits, (crop_h, crop_w), mode="bilinear", align_corners=True)
         out = logits.softmax(1)
@@ -121,15 +127,16 @@ def sliding_window_predict(model: torch.nn.Module, image: torch.Tensor, classes:
 
 def multi_scale_predict(model: torch.nn.Module, scaled_images: list[np.ndarray | torch.Tensor],
                         out_size: tuple[int, int], classes: int, crop_h: int, crop_w: int,
-                        stride_rate: float = 2 / 3, flip: bool = True, batch_size: int = 0, device: torch.device | str = "cpu",
-                        dtype: torch.dtype = torch.float32, channels_last: bool = False) -> torch.Tensor:
+                        stride_rate: float = 2 / 3, flip: bool = True, batch_size: int = 0,
+                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                        channels_last: bool = False, amp: str = "off") -> torch.Tensor:
     """Mean over scales of the probability maps resized to out_size (H, W): (classes, H, W) on device."""
     batch_size = window_batch_size(batch_size, device)
     total = torch.zeros(classes, *out_size, device=device, dtype=dtype)
     for image in scaled_images:
         tensor = to_network_input(image, device, dtype)
         probs = sliding_window_predict(model, tensor, classes, crop_h, crop_w, stride_rate, flip, batch_size,
-                                       channels_last)
+                                       channels_last, amp)
         if probs.shape[1:] != out_size:
             probs = F.interpolate(probs[None], out_size, mode="bilinear", align_corners=False)[0]
         total += probs

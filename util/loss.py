@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 def label_at_output_size(label: torch.Tensor, zoom_factor: int) -> torch.Tensor:
     """Subsample an (N, H, W) label of side 8k+1 to the model output ((H-1)/8*zoom+1).
 

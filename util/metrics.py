@@ -23,9 +23,14 @@ def confusion_matrix(pred, target, classes: int, ignore_label: int):
     Works on numpy arrays and on torch tensors (result on the same device).
     """
     if isinstance(pred, torch.Tensor):
-        valid = target != ignore_label
-        index = target[valid].long() * classes + pred[valid].long()
-        return torch.bincount(index, minlength=classes * classes).reshape(classes, classes)
+        # Ignored pixels go to one extra bin instead of being masked out, and the counts are a
+        # scatter-add into a fixed-size tensor: unlike boolean indexing or torch.bincount, nothing
+        # waits for the GPU, so training can count every step without stalling.
+        cells = classes * classes
+        index = torch.where(target != ignore_label, target.long() * classes + pred.long(), cells).flatten()
+        counts = torch.zeros(cells + 1, dtype=torch.long, device=index.device)
+        counts.index_add_(0, index, torch.ones_like(index))
+        return counts[:cells].reshape(classes, classes)
     pred, target = np.asarray(pred), np.asarray(target)
     valid = target != ignore_label
     index = target[valid].astype(np.int64) * classes + pred[valid].astype(np.int64)
