@@ -3,8 +3,10 @@
 #   sh tool/train.sh ade20k pspnet50          (config/ade20k/ade20k_pspnet50.yaml)
 #   NPROC=4 sh tool/train.sh voc2012 psanet101 TRAIN.batch_size 8
 # One process per GPU through torchrun (NPROC defaults to the visible GPUs, 1 on a CPU machine).
-# Extra arguments are config overrides for train.py. Logs: exp/<dataset>/<exp>/model/train-*.log and
-# the evaluation's save_folder/test-*.log (both written by the scripts themselves).
+# Extra arguments are config overrides for train.py and test.py; EXP_ROOT (default exp) moves the
+# experiment folder. Logs: model/train-*.log and the evaluation's save_folder/test-*.log (written by
+# the scripts), plus the whole terminal output, launcher messages and tracebacks included, in
+# <exp folder>/train-<time>.out and test-<time>.out.
 set -e
 cd "$(dirname "$0")/.."
 if [ $# -lt 2 ]; then
@@ -16,18 +18,21 @@ dataset=$1
 exp_name=$2
 shift 2
 config=config/${dataset}/${dataset}_${exp_name}.yaml
-exp_dir=exp/${dataset}/${exp_name}
+exp_dir=${EXP_ROOT:-exp}/${dataset}/${exp_name}
 [ -f "$config" ] || { echo "error: config $config does not exist" >&2; exit 2; }
 NPROC=${NPROC:-$($PYTHON -c "import torch; print(max(1, torch.cuda.device_count()))")}
 mkdir -p "$exp_dir"
 cp tool/train.sh tool/train.py tool/test.py "$config" "$exp_dir"   # what produced this experiment
+
+. tool/logged.sh
+now=$(date +%Y%m%d_%H%M%S)
 
 last_checkpoint() {  # save_path/train_epoch_<epochs>.pth of the config with these overrides
   $PYTHON -c 'import sys; sys.path.insert(0, "."); from util.config import load_config
 c = load_config(sys.argv[1], sys.argv[2:]); print(f"{c.save_path}/train_epoch_{c.epochs}.pth")' "$@"
 }
 
-$PYTHON -m torch.distributed.run --standalone --nproc_per_node="$NPROC" tool/train.py --config="$config" \
-  TRAIN.save_path "$exp_dir/model" "$@"
-$PYTHON tool/test.py --config="$config" \
+logged "$exp_dir/train-$now.out" $PYTHON -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
+  tool/train.py --config="$config" TRAIN.save_path "$exp_dir/model" "$@"
+logged "$exp_dir/test-$now.out" $PYTHON tool/test.py --config="$config" \
   TEST.model_path "$(last_checkpoint "$config" TRAIN.save_path "$exp_dir/model" "$@")" "$@"
