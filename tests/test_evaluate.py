@@ -98,3 +98,23 @@ def test_demo_writes_gray_color_and_overlay(tiny_toy, tmp_path, checkpoint):
     assert cv2.imread(printed[2]).shape == (h, w, 3)
     out = run_tool("demo.py", f"--config={cfg}", f"--image={tmp_path / 'nothing.jpg'}")
     assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+def test_demo_on_a_folder_predicts_what_test_py_predicts(tiny_toy, tmp_path, checkpoint):
+    import shutil
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_toy, TEST={"model_path": str(checkpoint), "scales": [1.0]})
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    names = ["toy_val_00001", "toy_val_00004"]
+    for name in names:
+        shutil.copy(tiny_toy / "images" / "val" / f"{name}.jpg", folder)
+    out = run_tool("demo.py", f"--config={cfg}", f"--image={folder}", "--output", str(tmp_path / "demo"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "demo").glob("*.png")) == sorted(
+        f"{n}_{s}.png" for n in names for s in ("gray", "color", "overlay"))
+    out = run_tool("test.py", f"--config={cfg}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in names:
+        demo = cv2.imread(str(tmp_path / "demo" / f"{name}_gray.png"), cv2.IMREAD_UNCHANGED)
+        test = cv2.imread(str(tmp_path / "result" / "gray" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        assert demo.shape == test.shape and (demo == test).all(), name
