@@ -119,6 +119,28 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_toy, tmp_path):
         assert_same_weights(weights["one"], weights["two_nosync"], atol=3e-4)
 
 
+def test_accumulation_equals_two_processes_without_sync_batchnorm(tiny_toy, tmp_path):
+    """2 micro-batches of 2 in one process compute what 2 processes of 2 compute without SyncBN:
+    BatchNorm over 2 samples, gradients summed over the global batch. Only the BN running statistics
+    differ (DDP keeps rank 0's), so the parameters are compared; batch-4 BatchNorm differs."""
+    (tmp_path / "train8.txt").write_text("".join((tiny_toy / "train.txt").read_text().splitlines(True)[:8]))
+    train = {"base_lr": 0.0005, "train_h": 49, "train_w": 49, "print_freq": 2, "sync_bn": False}
+    data = {"train_list": str(tmp_path / "train8.txt")}
+    runs = {"accumulated": (["TRAIN.accum_steps", "2"], None), "two_processes": ([], TORCHRUN_2),
+            "one_batch_of_4": ([], None)}
+    params = {}
+    for name, (extra, launcher) in runs.items():
+        cfg = write_config(tmp_path / name / "cfg.yaml", tiny_toy, DATA=data, TRAIN=train)
+        out = run_tool("train.py", f"--config={cfg}", *extra, launcher=launcher)
+        assert out.returncode == 0, out.stderr[-3000:]
+        weights = final_weights(tmp_path / name / "model", 2)
+        params[name] = {k: v for k, v in weights.items() if not k.endswith(("running_mean", "running_var",
+                                                                            "num_batches_tracked"))}
+    assert_same_weights(params["accumulated"], params["two_processes"], atol=0)  # bit-identical here
+    with pytest.raises(AssertionError):
+        assert_same_weights(params["accumulated"], params["one_batch_of_4"], atol=3e-4)
+
+
 def test_accumulation_reaches_the_configured_global_batch(tiny_toy, tmp_path):
     """2 micro-batches of 2 per step: same number of optimizer steps and schedule as batch 4."""
     cfg = write_config(tmp_path / "b" / "cfg.yaml", tiny_toy, TRAIN={"epochs": 1, "accum_steps": 2})
