@@ -43,7 +43,8 @@ from util.inference import multi_scale_predict, resize_image, window_grid  # noq
 from util.reference_inference import reference_predict  # noqa: E402
 
 SPEED_LINE = re.compile(r"epoch 2 speed: ([\d.]+) images/s, data wait ([\d.]+)% of iteration time, "
-                        r"peak host RSS (\d+) MiB, CUDA max allocated (\d+) MiB")
+                        r"peak host RSS (\d+) MiB \(data workers: (\d+), each at most (\d+) MiB\), "
+                        r"CUDA max allocated (\d+) MiB")
 
 
 def sync(device: torch.device) -> None:
@@ -87,8 +88,9 @@ def bench_training(config: str, layers: int, crop: int, batch: int, samples: int
             if found is None:
                 row["error"] = (out.stderr.strip().splitlines() or ["no speed line"])[-1][:200]
             else:
-                row.update(images_per_s=float(found[1]), data_wait_pct=float(found[2]),
-                           peak_rss_mib=int(found[3]), cuda_max_alloc_mib=int(found[4]))
+                row.update(images_per_s=float(found[1]), data_wait_pct=float(found[2]), peak_rss_mib=int(found[3]),
+                           data_workers=int(found[4]), worker_peak_rss_mib=int(found[5]),
+                           cuda_max_alloc_mib=int(found[6]))
             rows.append(row)
             print(f"  train amp={amp} channels_last={channels_last}: {row}", flush=True)
     return rows
@@ -206,14 +208,16 @@ def bench_psa(size: int, loop_side: int, device: torch.device, repeats: int) -> 
 def print_tables(result: dict) -> None:
     print(f"\ndevice: {result['device']}, torch {result['torch']}, threads {result['threads']}")
     if result.get("training"):
-        print("\n| AMP | channels_last | images/s | data wait | peak RSS (MiB) | CUDA max alloc (MiB) |")
-        print("|---|---|---|---|---|---|")
+        print("\n| AMP | channels_last | images/s | data wait | peak RSS (MiB) | data workers x peak RSS (MiB) "
+              "| CUDA max alloc (MiB) |")
+        print("|---|---|---|---|---|---|---|")
         for r in result["training"]:
             if "error" in r:
-                print(f"| {r['amp']} | {r['channels_last']} | error: {r['error']} | | | |")
+                print(f"| {r['amp']} | {r['channels_last']} | error: {r['error']} | | | | |")
             else:
                 print(f"| {r['amp']} | {r['channels_last']} | {r['images_per_s']:.2f} | {r['data_wait_pct']:.1f}% "
-                      f"| {r['peak_rss_mib']} | {r['cuda_max_alloc_mib']} |")
+                      f"| {r['peak_rss_mib']} | {r['data_workers']} x {r['worker_peak_rss_mib']} "
+                      f"| {r['cuda_max_alloc_mib']} |")
     if result.get("evaluation"):
         print("\n| model | image | windows | test_amp | ours (s/img) | reference, fp32 (s/img) | speed-up "
               "| network (s) | overhead |")

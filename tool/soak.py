@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml  # noqa: E402
 
+from util.memory import status_mib  # noqa: E402
 from util.toy_data import generate_toy_dataset  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -73,10 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def read_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024  # kB
-    raise ProcessLookupError(pid)
+    rss = status_mib(pid, "VmRSS")
+    if rss is None:
+        raise ProcessLookupError(pid)
+    return rss
 
 
 def count_fds(pid: int) -> int:

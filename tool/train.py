@@ -43,6 +43,7 @@ from util.distributed import (DistInfo, GlobalBatchSampler, broadcast_object, cl
                               visible_devices)
 from util.errors import ConfigError, UserError  # noqa: E402
 from util.loss import count_valid, label_at_output_size, segmentation_loss  # noqa: E402
+from util.memory import children_peak_mib  # noqa: E402
 from util.metrics import ConfusionMatrix, format_scores_table  # noqa: E402
 from util.optim import build_optimizer, set_poly_lr  # noqa: E402
 from util.palette import read_names  # noqa: E402
@@ -246,9 +247,11 @@ def train_worker(cfg: Config) -> None:
 def log_epoch_speed(epoch: int, images: int, seconds: float, data_wait: float, device: torch.device) -> None:
     """The numbers tool/benchmark.py reads: throughput, data-wait share, peak memory."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    workers = children_peak_mib()
     cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
-    logger.info("epoch %d speed: %.2f images/s, data wait %.1f%% of iteration time, peak host RSS %.0f MiB, "
-                "CUDA max allocated %.0f MiB", epoch + 1, images / seconds, 100 * data_wait / seconds, rss, cuda)
+    logger.info("epoch %d speed: %.2f images/s, data wait %.1f%% of iteration time, peak host RSS %.0f MiB "
+                "(data workers: %d, each at most %.0f MiB), CUDA max allocated %.0f MiB", epoch + 1,
+                images / seconds, 100 * data_wait / seconds, rss, len(workers), max(workers, default=0.0), cuda)
 
 
 def log_scores(what: str, tag: str, scores, epoch: int, cfg: Config, writer) -> None:
