@@ -120,8 +120,10 @@ def sliding_window_predict(model: torch.nn.Module, image: torch.Tensor, classes:
         for (y, x), p in zip(corners, out):
             probs[:, y:y + crop_h, x:x + crop_w] += p
     # The windows form a grid, so the number covering a pixel is (rows covering y) x (columns covering x).
-    count = torch.outer(window_coverage(ph, crop_h, rows), window_coverage(pw, crop_w, columns))
-    probs /= count.to(probs.device, probs.dtype) * (2 if flip else 1)
+    # Only the two 1-D counts cross to the device; their outer product is formed there.
+    count = torch.outer(window_coverage(ph, crop_h, rows).to(probs.device, probs.dtype),
+                        window_coverage(pw, crop_w, columns).to(probs.device, probs.dtype))
+    probs /= count * (2 if flip else 1)
     return probs[:, top:top + h, left:left + w]
 
 
