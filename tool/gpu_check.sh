@@ -16,22 +16,17 @@ gpus=$(python -c "import torch; print(torch.cuda.device_count())")
 nvidia-smi -L 2>&1 | tee "$out/device.txt"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/device.txt"
 python tool/make_toy_dataset.py
+. tool/logged.sh
 
-step() {  # step LOG COMMAND...: the command line, then its output, into LOG and onto the screen
-  local log=$1; shift
-  echo "+ $*" | tee "$out/$log"
-  "$@" 2>&1 | tee -a "$out/$log"
-}
-
-step gpu_tests.log python -m pytest -q -m gpu tests/test_gpu.py || rc=1
+logged "$out/gpu_tests.log" python -m pytest -q -m gpu tests/test_gpu.py || rc=1
 [ "$gpus" -ge 2 ] || echo "one GPU: the torchrun step runs one process, so SyncBatchNorm has nothing to synchronise"
 head -$((16 * gpus)) dataset/toy/train.txt > "$out/train_subset.txt"  # 4 iterations of 4 images per GPU
-step pspnet50_torchrun.log python -m torch.distributed.run --standalone --nproc_per_node="$gpus" tool/train.py \
+logged "$out/pspnet50_torchrun.log" python -m torch.distributed.run --standalone --nproc_per_node="$gpus" tool/train.py \
   --config=config/toy/toy_pspnet18.yaml TRAIN.layers 50 TRAIN.train_h 473 TRAIN.train_w 473 \
   TRAIN.batch_size $((4 * gpus)) TRAIN.epochs 1 TRAIN.sync_bn True TRAIN.amp bf16 TRAIN.channels_last True \
   TRAIN.print_freq 1 DATA.train_list "$out/train_subset.txt" TRAIN.save_path "$out/pspnet50" || rc=1
 # 20 steps per timed epoch, so that the first batch's wait on fresh workers does not dominate the data-wait share
-step benchmark.log python tool/benchmark.py --train-layers 50 --train-crop 473 --train-batch 8 --train-samples 160 \
+logged "$out/benchmark.log" python tool/benchmark.py --train-layers 50 --train-crop 473 --train-batch 8 --train-samples 160 \
   --eval-layers 50 --eval-classes 150 --eval-size 512x683 --eval-crop 473 --psa-size 465 \
   --json "$out/benchmark.json" || rc=1
 exit $rc

@@ -9,23 +9,9 @@
 # <exp folder>/train-<time>.out and test-<time>.out.
 set -e
 cd "$(dirname "$0")/.."
-if [ $# -lt 2 ]; then
-  echo "usage: sh tool/train.sh <dataset> <exp_name> [SECTION.key value ...]" >&2
-  exit 2
-fi
-PYTHON=${PYTHON:-python}
-dataset=$1
-exp_name=$2
-shift 2
-config=config/${dataset}/${dataset}_${exp_name}.yaml
-exp_dir=${EXP_ROOT:-exp}/${dataset}/${exp_name}
-[ -f "$config" ] || { echo "error: config $config does not exist" >&2; exit 2; }
+. tool/experiment.sh
 NPROC=${NPROC:-$($PYTHON -c "import torch; print(max(1, torch.cuda.device_count()))")}
-mkdir -p "$exp_dir"
 cp tool/train.sh tool/train.py tool/test.py "$config" "$exp_dir"   # what produced this experiment
-
-. tool/logged.sh
-now=$(date +%Y%m%d_%H%M%S)
 
 last_checkpoint() {  # save_path/train_epoch_<epochs>.pth of the config with these overrides
   $PYTHON -c 'import sys; sys.path.insert(0, "."); from util.config import load_config

@@ -1,0 +1,18 @@
+# Sourced by tool/train.sh and tool/test.sh after `cd` to the repository root: reads
+# `<dataset> <exp_name>` from the caller's arguments (shifting them off, so "$@" holds the
+# overrides) and sets PYTHON, dataset, exp_name, config, exp_dir (created) and now, and the
+# `logged` function of tool/logged.sh.
+if [ $# -lt 2 ]; then
+  echo "usage: sh $0 <dataset> <exp_name> [SECTION.key value ...]" >&2
+  exit 2
+fi
+PYTHON=${PYTHON:-python}
+dataset=$1
+exp_name=$2
+shift 2
+config=config/${dataset}/${dataset}_${exp_name}.yaml
+[ -f "$config" ] || { echo "error: config $config does not exist" >&2; exit 2; }
+exp_dir=${EXP_ROOT:-exp}/${dataset}/${exp_name}
+mkdir -p "$exp_dir"
+now=$(date +%Y%m%d_%H%M%S)
+. tool/logged.sh
