@@ -1,6 +1,7 @@
 """Segmentation models and their construction from a flat config (TRAIN.* keys as attributes).
 
-build_model(cfg) builds PSPNet (arch 'psp') or PSANet (arch 'psa'). It only creates modules, so
+build_model(cfg) builds PSPNet (arch 'psp') or PSANet (arch 'psa'). It only creates modules (weights
+are loaded by the caller: ImageNet initialisation in tool/train.py, checkpoints in load_eval_model), so
 `with torch.device('meta'): build_model(cfg)` builds any size cheaply, e.g. to check keys.
 """
 from typing import Any, Callable, Dict
@@ -20,7 +21,7 @@ def _common_kwargs(cfg: Any) -> Dict[str, Any]:
         raise ConfigError(f"TRAIN.layers: unsupported ResNet depth {cfg.layers!r}; "
                           f"expected one of {sorted(BLOCKS_PER_DEPTH)}")
     return dict(layers=cfg.layers, classes=cfg.classes, zoom_factor=cfg.zoom_factor, dropout=cfg.dropout,
-                deep_stem=bool(cfg.deep_stem), pretrained=cfg.pretrained_backbone or False)
+                deep_stem=bool(cfg.deep_stem))
 
 
 def build_pspnet(cfg: Any) -> nn.Module:
@@ -60,7 +61,6 @@ ARCHS: Dict[str, Callable[[Any], nn.Module]] = {"psp": build_pspnet, "psa": buil
 
 def load_eval_model(cfg: Any, device: torch.device) -> nn.Module:
     """The trained network of TEST.model_path on `device`, in eval mode (tool/test.py, tool/demo.py)."""
-    cfg.pretrained_backbone = ""  # the checkpoint replaces the ImageNet weights: do not read them
     model = build_model(cfg)
     load_model_weights(model, cfg.model_path, "TEST.model_path", trust_pickle=cfg.trust_pickle)
     model = model.to(device).eval()

@@ -16,7 +16,7 @@ import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -35,6 +35,18 @@ DEEP_STEM_NAMES = {"conv1": "layer0.0", "bn1": "layer0.1", "conv2": "layer0.3",
 WIDE_STEM_NAMES = {"conv1": "layer0.0", "bn1": "layer0.1"}
 CLASSIFIER_KEY = "cls.4.weight"
 LISTED_NAMES = 6
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SEMSEG_IMAGENET_FILE = "initmodel/resnet{layers}_v2.pth"  # semseg's default, under the repository root
+NO_IMAGENET = "none"  # TRAIN.pretrained_backbone for an explicit start from random weights
+
+
+def imagenet_weights_path(setting: str, layers: int, root: Path = REPO_ROOT) -> Optional[Path]:
+    """The ImageNet file that TRAIN.pretrained_backbone names: the path given; when not set ('' or
+    null), semseg's initmodel/resnet<layers>_v2.pth under the repository root, as semseg's PSPNet and
+    PSANet load by default; None for `none`, the explicit opt-out (random weights)."""
+    if setting.strip().lower() == NO_IMAGENET:
+        return None
+    return Path(setting) if setting else root / SEMSEG_IMAGENET_FILE.format(layers=layers)
 
 
 @dataclass

@@ -117,6 +117,21 @@ def test_semseg_legacy_keys_are_accepted(tmp_path):
     assert cfg.compact is False
 
 
+def test_a_path_key_with_no_value_is_not_set(tmp_path):
+    """semseg writes `weight:` and `resume:` for "none"; every path key reads null as its default."""
+    p = write(tmp_path / "s.yaml", "DATA:\n  data_root: x\n  classes: 3\n  train_list:\nTRAIN:\n  weight:\n"
+                                   "  resume:\n  pretrained_backbone:\n  save_path:\nTEST:\n  model_path: ~\n")
+    cfg = load_config(p)
+    assert (cfg.train_list, cfg.weight, cfg.resume, cfg.pretrained_backbone, cfg.model_path) == ("",) * 5
+    assert cfg.save_path == FIELDS["save_path"].default
+    cfg = load_config(p, ["TRAIN.weight", "None", "TRAIN.resume", "null", "TRAIN.pretrained_backbone", "none"])
+    assert (cfg.weight, cfg.resume, cfg.pretrained_backbone) == ("", "", "none")  # `none`: the opt-out word
+    with pytest.raises(ConfigError, match=r"s2.yaml line 2: DATA.data_root must be set .*got no value"):
+        load_config(write(tmp_path / "s2.yaml", "DATA:\n  data_root:\n  classes: 3\n"))
+    with pytest.raises(ConfigError, match=r"s3.yaml line 4: TRAIN.weight expects a path, got \[1\]"):
+        load_config(write(tmp_path / "s3.yaml", "DATA:\n  data_root: x\nTRAIN:\n  weight: [1]\n"))
+
+
 def test_saved_yaml_round_trips(base_cfg, tmp_path):
     cfg = load_config(base_cfg, ["TRAIN.base_lr", "0.05"])
     cfg.save(tmp_path / "out" / "config.yaml")

@@ -156,7 +156,7 @@ def test_ade20k_refuses_to_convert_in_place(ade_raw):
 
 # ---- Cityscapes ----------------------------------------------------------------------------
 
-ALL_LABEL_IDS = np.array(list(range(34)) + [255]).reshape(5, 7)  # 0..33 and the license plate
+ALL_LABEL_IDS = np.array(list(range(34)) + [255]).reshape(5, 7)  # 0..33, and 255 that no official PNG holds
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import yaml
 
 from conftest import REPO_ROOT
 from model import build_model, psa_mask_sides
+from model.weights import imagenet_weights_path
 from tool.prepare_dataset import CONFIG_LISTS
 from util.config import load_config
 from util.label_maps import CITYSCAPES_TRAIN_IDS
@@ -17,7 +18,6 @@ from util.label_maps import CITYSCAPES_TRAIN_IDS
 CONFIG_DIR = REPO_ROOT / "config"
 LEAVES = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if not any(part.startswith("_") for part in p.parts))
 BASES = sorted(CONFIG_DIR.glob("_base_/*.yaml"))
-NO_BACKBONE_FILE = ["TRAIN.pretrained_backbone", ""]  # build without reading ImageNet weights
 
 # dataset -> (classes, base_size, epochs, PSPNet crop, PSANet crop)
 HEADLINE = {"ade20k": (150, 512, 100, 473, 465), "voc2012": (21, 512, 50, 473, 465),
@@ -36,7 +36,7 @@ def test_the_twelve_reference_configs_and_the_custom_example_are_shipped():
 
 @pytest.mark.parametrize("path", LEAVES, ids=relative)
 def test_leaf_loads_and_builds_its_model_on_the_meta_device(path):
-    cfg = load_config(path, NO_BACKBONE_FILE)
+    cfg = load_config(path)
     with torch.device("meta"):
         model = build_model(cfg)
     assert model.classes == cfg.classes and model.layers == cfg.layers
@@ -64,7 +64,8 @@ def test_reference_leaf_has_the_headline_settings(path):
     assert (cfg.aux_weight, cfg.scale_min, cfg.scale_max, cfg.rotate_min, cfg.rotate_max) == (0.4, 0.5, 2.0, -10, 10)
     assert (cfg.zoom_factor, cfg.ignore_label, cfg.sync_bn) == (8, 255, True)
     assert cfg.scales == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] and cfg.split == "val"
-    assert cfg.pretrained_backbone == f"initmodel/resnet{layers}_v2.pth"
+    assert cfg.pretrained_backbone == "" and cfg.weight == "" and cfg.resume == ""  # semseg's ImageNet default:
+    assert imagenet_weights_path(cfg.pretrained_backbone, cfg.layers) == REPO_ROOT / f"initmodel/resnet{layers}_v2.pth"
     assert cfg.save_path == f"{exp}/model"
     assert cfg.model_path == f"{exp}/model/train_epoch_{epochs}.pth"
     assert cfg.save_folder == f"{exp}/result/epoch_{epochs}/val/ms"

@@ -2,12 +2,10 @@
 import argparse
 import logging
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from model import build_model
 from model.pspnet import PSPNet
 from model.resnet import resnet18, resnet50
 from model.weights import load_backbone_weights, load_model_weights, load_state_dict_file
@@ -63,15 +61,6 @@ def test_torchvision_seven_by_seven_state_dict(tmp_path):
     _assert_same(state["layer0.0.weight"], imagenet["conv1.weight"])
     _assert_same(state["layer0.1.bias"], imagenet["bn1.bias"])
     _assert_same(state["layer3.0.downsample.0.weight"], imagenet["layer3.0.downsample.0.weight"])
-
-
-def test_build_model_loads_pretrained_backbone_from_config(tmp_path):
-    imagenet = _randomised(resnet18().state_dict())
-    path = tmp_path / "backbone.pth"
-    torch.save(imagenet, path)
-    cfg = SimpleNamespace(arch="psp", layers=18, classes=3, zoom_factor=8, dropout=0.1, bins=[1, 2, 3, 6],
-                          deep_stem=True, pretrained_backbone=str(path))
-    _assert_same(build_model(cfg).state_dict()["layer0.3.weight"], imagenet["conv2.weight"])
 
 
 def test_classification_resnet_loads_its_own_format(tmp_path):

@@ -103,7 +103,8 @@ def write_soak_config(folder: Path, data_root: Path, epochs: int, workers: int) 
                  "val_list": str(data_root / "val.txt"), "classes": 6},
         "TRAIN": {"arch": "psp", "layers": 18, "train_h": 33, "train_w": 33, "batch_size": 4, "batch_size_val": 4,
                   "epochs": epochs, "manual_seed": 1, "print_freq": 1000, "workers": workers, "save_freq": 1,
-                  "keep_checkpoints": 2, "evaluate": True, "save_path": str(folder / "model")},
+                  "keep_checkpoints": 2, "evaluate": True, "save_path": str(folder / "model"),
+                  "pretrained_backbone": "none"},
     }
     path = folder / "soak.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -25,16 +25,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from tensorboardX import SummaryWriter  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from lib.sync_bn import convert_sync_batchnorm  # noqa: E402
 from model import build_model  # noqa: E402
-from model.weights import load_checkpoint, load_model_state, load_model_weights  # noqa: E402
-from util.checkpoint import (BEST_FILE, archive_previous_run, atomic_save, check_training_checkpoint, check_writable,  # noqa: E402
+from model.weights import (NO_IMAGENET, imagenet_weights_path, load_backbone_weights, load_checkpoint,  # noqa: E402
+                           load_model_state, load_model_weights)
+from util.checkpoint import (BEST_FILE, archive_previous_run, atomic_save, check_writable,  # noqa: E402
                              checkpoints_to_come, epoch_checkpoints, prune_checkpoints, remove_stale_temporaries,
-                             resolve_resume, rng_state, set_rng_state, with_module_prefix)
+                             resolve_resume, rng_state, set_rng_state, training_checkpoint_kind, with_module_prefix)
 from util.cli import Progress, run_main, setup_logging  # noqa: E402
 from util.config import Config, add_config_arguments, describe_schema, load_config  # noqa: E402
 from util.dataset import dataset_from_config  # noqa: E402
@@ -45,7 +47,7 @@ from util.errors import ConfigError, UserError  # noqa: E402
 from util.loss import count_valid, label_at_output_size, segmentation_loss  # noqa: E402
 from util.memory import children_peak_mib  # noqa: E402
 from util.metrics import ConfusionMatrix, format_scores_table  # noqa: E402
-from util.optim import build_optimizer, set_poly_lr  # noqa: E402
+from util.optim import build_optimizer, optimizer_state_from_semseg, set_poly_lr  # noqa: E402
 from util.palette import read_names  # noqa: E402
 from util.precision import autocast  # noqa: E402
 from util.transform import build_train_transform, build_val_transform  # noqa: E402
@@ -98,8 +100,28 @@ def make_val_loader(cfg: Config, info: DistInfo, workers: int) -> DataLoader:
                       num_workers=workers, pin_memory=info.device.type == "cuda")
 
 
-def prepare_model(cfg: Config, info: DistInfo) -> torch.nn.Module:
+def imagenet_start(cfg: Config) -> Path | None:
+    """The ImageNet weights a fresh run's backbone starts from, checked before any work, as semseg
+    does: TRAIN.pretrained_backbone, by default initmodel/resnet<layers>_v2.pth, and a missing file
+    stops the run. None when TRAIN.weight or a checkpoint to resume gives the weights, or for `none`."""
+    if cfg.weight or resolve_resume(cfg.resume, cfg.save_path) is not None:
+        return None
+    path = imagenet_weights_path(cfg.pretrained_backbone, cfg.layers)
+    if path is None or path.is_file():
+        return path
+    if cfg.pretrained_backbone:
+        what = f"TRAIN.pretrained_backbone ({cfg.source('pretrained_backbone')}): ImageNet weights"
+    else:
+        what = (f"TRAIN.pretrained_backbone is not set, so the backbone starts from semseg's ImageNet weights, the "
+                f"deep-stem ResNet-{cfg.layers} file that semseg's PSPNet/PSANet load by default:")
+    raise ConfigError(f"{what} {path} not found; put the file there, set TRAIN.pretrained_backbone to its path, "
+                      f"or set TRAIN.pretrained_backbone {NO_IMAGENET} to train from random weights")
+
+
+def prepare_model(cfg: Config, info: DistInfo, imagenet: Path | None) -> torch.nn.Module:
     model = build_model(cfg)
+    if imagenet is not None:
+        load_backbone_weights(model, imagenet, "TRAIN.pretrained_backbone", trust_pickle=cfg.trust_pickle)
     if cfg.weight:
         load_model_weights(model, cfg.weight, "TRAIN.weight", trust_pickle=cfg.trust_pickle)
     if cfg.sync_bn and info.distributed:
@@ -121,7 +143,10 @@ def validate(model: torch.nn.Module, loader: DataLoader, cfg: Config, info: Dist
             image = image.contiguous(memory_format=torch.channels_last)
         with autocast(cfg.amp, info.device):
             logits = model(image)
-        matrix.update(logits.argmax(1), label_at_output_size(label.to(info.device), cfg.zoom_factor))
+        label = label.to(info.device)
+        if logits.shape[-2:] != label.shape[-2:]:  # zoom_factor < 8: scored at label size, as semseg does
+            logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=True)
+        matrix.update(logits.argmax(1), label)
     matrix.reduce()
     model.train()
     return matrix.compute()
@@ -144,7 +169,7 @@ def save_checkpoint(cfg: Config, epoch: int, iteration: int, net, optimizer, sca
     return written
 
 
-def train_worker(cfg: Config) -> None:
+def train_worker(cfg: Config, imagenet: Path | None) -> None:
     info = init_distributed(cfg.dist_backend, cfg.dist_timeout)
     save_path = Path(cfg.save_path)
     if info.is_main:
@@ -166,7 +191,7 @@ def train_worker(cfg: Config) -> None:
     if info.device.type == "cpu" and info.world_size > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
 
-    net = prepare_model(cfg, info)
+    net = prepare_model(cfg, info, imagenet)
     optimizer = build_optimizer(net, cfg.base_lr, cfg.momentum, cfg.weight_decay)
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.amp == "fp16")
     param_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
@@ -177,18 +202,12 @@ def train_worker(cfg: Config) -> None:
     start_epoch, best_miou = cfg.start_epoch, -1.0
     resume_path = resolve_resume(cfg.resume, save_path)
     if resume_path is not None:
-        ckpt = load_checkpoint(resume_path, "TRAIN.resume", cfg.trust_pickle)
-        check_training_checkpoint(ckpt, resume_path)
-        load_model_state(net, ckpt, resume_path, "TRAIN.resume")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler.is_enabled() and ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-        elif scaler.is_enabled():
-            logger.info("%s was saved without fp16 AMP: the grad scaler starts fresh", resume_path)
-        set_rng_state(ckpt["rng"])
-        start_epoch, best_miou = ckpt["epoch"], ckpt["best_miou"]
-        logger.info("resumed from %s (epoch %d done)", resume_path, start_epoch)
+        start_epoch, best_miou = resume_training(resume_path, cfg, net, optimizer, scaler)
     else:
+        if imagenet is None and not cfg.weight:
+            logger.warning("TRAIN.pretrained_backbone %s: the backbone starts from random weights, not from "
+                           "ImageNet ones (semseg's published results start from initmodel/resnet<layers>_v2.pth)",
+                           cfg.pretrained_backbone)
         if cfg.resume == "auto":
             logger.info("TRAIN.resume auto: no checkpoint in %s, starting from scratch", save_path)
         archive = archive_previous_run(save_path) if info.is_main else None
@@ -242,6 +261,28 @@ def train_worker(cfg: Config) -> None:
         writer.close()
     logger.info("training done: %s", save_path)
     cleanup_distributed()
+
+
+def resume_training(path: Path, cfg: Config, net, optimizer, scaler) -> tuple[int, float]:
+    """Load a checkpoint of tool/train.py, or semseg's {'epoch', 'state_dict', 'optimizer'}, into the
+    model, optimizer and scaler; returns (epochs done, best mIoU so far)."""
+    ckpt = load_checkpoint(path, "TRAIN.resume", cfg.trust_pickle)
+    kind = training_checkpoint_kind(ckpt, path)
+    load_model_state(net, ckpt, path, "TRAIN.resume")
+    if kind == "semseg":
+        optimizer.load_state_dict(optimizer_state_from_semseg(ckpt["optimizer"], net, path))
+        logger.info("resumed from %s, a semseg training checkpoint (epoch %d done): model, momentum and epoch "
+                    "carried over; the RNG, grad scaler and best mIoU, which semseg did not save, start fresh",
+                    path, ckpt["epoch"])
+        return ckpt["epoch"], -1.0
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler.is_enabled() and ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    elif scaler.is_enabled():
+        logger.info("%s was saved without fp16 AMP: the grad scaler starts fresh", path)
+    set_rng_state(ckpt["rng"])
+    logger.info("resumed from %s (epoch %d done)", path, ckpt["epoch"])
+    return ckpt["epoch"], ckpt["best_miou"]
 
 
 def log_epoch_speed(epoch: int, images: int, seconds: float, data_wait: float, device: torch.device) -> None:
@@ -351,18 +392,19 @@ def check_finite(first_bad: torch.Tensor, epoch: int, steps: int, info: DistInfo
             f"TRAIN.resume auto")
 
 
-def spawn_worker(local_rank: int, cfg: Config, gpus: int) -> None:
+def spawn_worker(local_rank: int, cfg: Config, gpus: int, imagenet: Path | None) -> None:
     """Child of a plain-python multi-GPU launch: joins the group through the env:// variables."""
     url = urlparse(cfg.dist_url)
     os.environ.update(RANK=str(cfg.rank * gpus + local_rank), LOCAL_RANK=str(local_rank),
                       WORLD_SIZE=str(cfg.world_size * gpus), LOCAL_WORLD_SIZE=str(gpus),
                       MASTER_ADDR=url.hostname or "127.0.0.1", MASTER_PORT=str(url.port or 29500))
-    run_main(lambda: train_worker(cfg))
+    run_main(lambda: train_worker(cfg, imagenet))
 
 
 def main() -> None:
     args = parse_args()
     cfg = load_config(args.config, args.opts)
+    imagenet = imagenet_start(cfg)
     launched = detect_launch(os.environ).launcher != "single"
     if not launched and cfg.train_gpu:  # before any CUDA call, so that this launch sees only these GPUs
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices(cfg.train_gpu, os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -371,11 +413,11 @@ def main() -> None:
         logger.warning("TRAIN.train_gpu lists %d GPUs but %d exist; using %d", len(cfg.train_gpu), gpus, gpus)
     if not launched and cfg.multiprocessing_distributed and gpus > 0 and (gpus > 1 or cfg.world_size > 1):
         try:
-            mp.spawn(spawn_worker, args=(cfg, gpus), nprocs=gpus)
+            mp.spawn(spawn_worker, args=(cfg, gpus, imagenet), nprocs=gpus)
         except mp.ProcessException as e:  # the failing child has printed its own reason
             sys.exit(f"training stopped: {str(e).splitlines()[0]}")
         return
-    train_worker(cfg)
+    train_worker(cfg, imagenet)
 
 
 if __name__ == "__main__":

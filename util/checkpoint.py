@@ -2,9 +2,10 @@
 
 Layout (semseg's, extended): save_path/train_epoch_<n>.pth holding {'epoch', 'state_dict' (keys
 with the 'module.' prefix, as semseg saved them), 'optimizer', 'scaler', 'iteration',
-'best_miou', 'rng', 'config'}; save_path/best.pth is the checkpoint with the best validation mIoU.
-A file is written to a hidden temporary name, flushed to disk and renamed, so a crash or a full disk
-never leaves a truncated file under a final name, and `resume auto` only ever sees complete files.
+'best_miou', 'rng', 'config'}, so semseg's test.py loads our files (and TRAIN.resume takes
+semseg's); save_path/best.pth is the checkpoint with the best validation mIoU. A file is written to
+a hidden temporary name, flushed to disk and renamed, so a crash or a full disk never leaves a
+truncated file under a final name, and `resume auto` only ever sees complete files.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ logger = logging.getLogger(__name__)
 EPOCH_FILE = re.compile(r"^train_epoch_(\d+)\.pth$")
 TEMPORARY_FILE = re.compile(r"^\..+\.tmp\d+$")  # atomic_save's name while writing
 BEST_FILE = "best.pth"
-TRAINING_STATE_KEYS = ("epoch", "state_dict", "optimizer", "scaler", "best_miou", "rng")
+SEMSEG_STATE_KEYS = ("epoch", "state_dict", "optimizer")  # what semseg's train.py saved
+TRAINING_STATE_KEYS = SEMSEG_STATE_KEYS + ("scaler", "best_miou", "rng")
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -119,12 +121,17 @@ def resolve_resume(resume: str, save_path: str | Path) -> Path | None:
     return path
 
 
-def check_training_checkpoint(checkpoint: Any, path: str | Path) -> None:
-    """TRAIN.resume needs a file written by tool/train.py, not weights alone (CheckpointError)."""
-    missing = [key for key in TRAINING_STATE_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
-    if missing:
-        raise CheckpointError(f"TRAIN.resume: {path} is not a training checkpoint of tool/train.py (it lacks "
-                              f"{', '.join(missing)}); to start from its weights, use TRAIN.weight instead")
+def training_checkpoint_kind(checkpoint: Any, path: str | Path) -> str:
+    """'ours' for a file of tool/train.py, 'semseg' for semseg's {'epoch', 'state_dict', 'optimizer'};
+    anything else (weights alone) is a CheckpointError, since TRAIN.resume needs the optimizer too."""
+    present = set(checkpoint) if isinstance(checkpoint, dict) else set()
+    if present >= set(TRAINING_STATE_KEYS):
+        return "ours"
+    if present >= set(SEMSEG_STATE_KEYS):
+        return "semseg"
+    missing = [key for key in SEMSEG_STATE_KEYS if key not in present]
+    raise CheckpointError(f"TRAIN.resume: {path} is not a training checkpoint of tool/train.py or semseg (it lacks "
+                          f"{', '.join(missing)}); to start from its weights, use TRAIN.weight instead")
 
 
 def rng_state() -> dict:

@@ -4,7 +4,8 @@ Every setting is declared once in SCHEMA with its type, default and a one-line d
 (in a file or an override) are errors that suggest the closest valid key. A config may inherit
 from others with `_base_: path` (or a list of paths), relative to the file; later files override
 earlier ones key by key. Command-line overrides are `SECTION.key value` pairs or `SECTION.key=value`,
-values parsed as YAML literals, as in semseg.
+values parsed as YAML literals, as in semseg. A path key written with no value (YAML null, as
+semseg's configs write `weight:` and `resume:`) means "not set", i.e. its default.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 class Field:
     section: str
     name: str
-    kind: str  # int | float | bool | str | int_list | float_list | int_map
+    kind: str  # int | float | bool | str | path | int_list | float_list | int_map
     default: Any
     doc: str
     choices: tuple = ()
@@ -45,9 +46,9 @@ def _f(section, name, kind, default, doc, choices=(), optional=False):
 
 SCHEMA: tuple[Field, ...] = (
     # DATA: where the samples are and how labels map to classes.
-    _f("DATA", "data_root", "str", REQUIRED, "folder that list-file paths are relative to"),
-    _f("DATA", "train_list", "str", "", "list file of training pairs `image label`"),
-    _f("DATA", "val_list", "str", "", "list file of validation pairs"),
+    _f("DATA", "data_root", "path", REQUIRED, "folder that list-file paths are relative to"),
+    _f("DATA", "train_list", "path", "", "list file of training pairs `image label`"),
+    _f("DATA", "val_list", "path", "", "list file of validation pairs"),
     _f("DATA", "classes", "int", REQUIRED, "number of classes; labels are 0..classes-1 or ignore_label"),
     _f("DATA", "reduce_zero_label", "bool", False, "raw label 0 -> ignore, x -> x-1 (ADE20K raw annotations)"),
     _f("DATA", "label_map", "int_map", None, "raw id -> train id; ids not listed become ignore_label",
@@ -60,7 +61,9 @@ SCHEMA: tuple[Field, ...] = (
     _f("TRAIN", "deep_stem", "bool", True, "three 3x3 stem convs (semseg) instead of one 7x7"),
     _f("TRAIN", "bins", "int_list", [1, 2, 3, 6], "PSPNet pyramid pooling bin sizes"),
     _f("TRAIN", "dropout", "float", 0.1, "Dropout2d probability before the classifiers"),
-    _f("TRAIN", "pretrained_backbone", "str", "", "ImageNet ResNet weights (.pth) for the backbone; '' = random init"),
+    _f("TRAIN", "pretrained_backbone", "path", "",
+       "ImageNet weights (.pth) of the backbone for a fresh run; not set = semseg's "
+       "initmodel/resnet{layers}_v2.pth under the repository root; none = random weights"),
     _f("TRAIN", "sync_bn", "bool", True, "synchronise BatchNorm statistics across processes"),
     _f("TRAIN", "train_h", "int", 473, "training crop height, 8k+1"),
     _f("TRAIN", "train_w", "int", 473, "training crop width, 8k+1"),
@@ -87,10 +90,10 @@ SCHEMA: tuple[Field, ...] = (
        optional=True),
     _f("TRAIN", "print_freq", "int", 10, "log a line every N optimizer steps"),
     _f("TRAIN", "save_freq", "int", 1, "save a checkpoint every N epochs"),
-    _f("TRAIN", "save_path", "str", "exp/model", "folder for checkpoints, logs and TensorBoard events"),
+    _f("TRAIN", "save_path", "path", "exp/model", "folder for checkpoints, logs and TensorBoard events"),
     _f("TRAIN", "keep_checkpoints", "int", 2, "how many recent epoch checkpoints to keep (plus the best)"),
-    _f("TRAIN", "weight", "str", "", "full model weights to start from (fine-tuning); '' = none"),
-    _f("TRAIN", "resume", "str", "", "checkpoint to resume from, or `auto` for the latest in save_path"),
+    _f("TRAIN", "weight", "path", "", "full model weights to start from (fine-tuning); '' = none"),
+    _f("TRAIN", "resume", "path", "", "checkpoint to resume from, or `auto` for the latest in save_path"),
     _f("TRAIN", "trust_pickle", "bool", False,
        "allow loading legacy checkpoints that contain arbitrary Python objects (runs their code)"),
     _f("TRAIN", "evaluate", "bool", False, "evaluate on val_list after every epoch"),
@@ -113,7 +116,7 @@ SCHEMA: tuple[Field, ...] = (
     _f("Distributed", "rank", "int", 0, "this node's rank for the spawn launch"),
     _f("Distributed", "dist_timeout", "int", 600, "seconds a collective may wait for a dead peer before the job fails"),
     # TEST: evaluation (tool/test.py) and demo.
-    _f("TEST", "test_list", "str", "", "list file to evaluate"),
+    _f("TEST", "test_list", "path", "", "list file to evaluate"),
     _f("TEST", "split", "str", "val", "train/val have labels and are scored; test is predicted only",
        ("train", "val", "test")),
     _f("TEST", "base_size", "int", 512, "long side of the image at scale 1.0"),
@@ -128,10 +131,10 @@ SCHEMA: tuple[Field, ...] = (
     _f("TEST", "has_prediction", "bool", False, "score the PNGs already in save_folder/gray without a model"),
     _f("TEST", "index_start", "int", 0, "first list line to evaluate"),
     _f("TEST", "index_step", "int", 0, "number of list lines to evaluate; 0 = to the end"),
-    _f("TEST", "model_path", "str", "", "checkpoint to evaluate"),
-    _f("TEST", "save_folder", "str", "exp/result", "where gray/, color/ and the scores go"),
-    _f("TEST", "colors_path", "str", "", "class colours, one `R G B` per line"),
-    _f("TEST", "names_path", "str", "", "class names, one per line"),
+    _f("TEST", "model_path", "path", "", "checkpoint to evaluate"),
+    _f("TEST", "save_folder", "path", "exp/result", "where gray/, color/ and the scores go"),
+    _f("TEST", "colors_path", "path", "", "class colours, one `R G B` per line"),
+    _f("TEST", "names_path", "path", "", "class names, one per line"),
     _f("TEST", "vis_count", "int", 4, "side-by-side image|prediction|truth PNGs for the first N images"),
 )
 FIELDS: dict[str, Field] = {f.name: f for f in SCHEMA}
@@ -152,7 +155,7 @@ def _suggest(name: str, candidates: Iterable[str]) -> str:
 
 
 def _type_name(field: Field) -> str:
-    names = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+    names = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "path": "a path",
              "int_list": "a list of integers", "float_list": "a list of numbers",
              "int_map": "a mapping of integer -> integer"}
     text = names[field.kind]
@@ -174,6 +177,10 @@ def coerce_value(field: Field, value: Any, where: str) -> Any:
     """Check `value` against the field's type (ints are accepted as floats) or raise ConfigError."""
     key = f"{field.section}.{field.name}"
     bad = ConfigError(f"{where}: {key} expects {_type_name(field)}, got {value!r}")
+    if value is None and field.kind == "path":  # semseg writes `weight:` for "no weight file"
+        if field.default is REQUIRED:
+            raise ConfigError(f"{where}: {key} must be set ({field.doc}), got no value")
+        return field.default
     if value is None:
         if field.optional:
             return None
@@ -188,7 +195,7 @@ def coerce_value(field: Field, value: Any, where: str) -> Any:
         out = float(value)
     elif field.kind == "bool" and (isinstance(value, bool) or value in (0, 1)):
         out = bool(value)  # semseg configs write `compact: 0`
-    elif field.kind == "str" and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+    elif field.kind in ("str", "path") and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         out = str(value)
     elif field.kind == "int_list" and isinstance(value, (list, tuple)) and all(map(_is_int, value)):
         out = list(value)
@@ -342,7 +349,7 @@ def parse_override(key: str, raw: str) -> tuple[Field, Any]:
         raise ConfigError(f"override {key}: unknown key {name!r}{_suggest(name, FIELDS)}")
     if section and section not in (field.section, field.section.upper()):
         raise ConfigError(f"override {key}: key {name} belongs in section {field.section}")
-    if field.kind == "str" and raw not in ("null", "None", "~"):
+    if field.kind in ("str", "path") and raw not in ("null", "None", "~"):
         return field, raw
     if raw in ("None", "none"):  # semseg parsed Python literals
         return field, None

@@ -1,7 +1,8 @@
 """Label encodings of the public datasets and their conversion to train ids.
 
-Cityscapes stores `labelIds` (0..33, -1 as 255) of which 19 are trained: CITYSCAPES_TRAIN_IDS is
-the official labelId -> trainId table, everything unlisted is ignored. VOC2012 stores labels as
+Cityscapes stores `labelIds` 0..33 (the official *_labelIds.png never hold -1 or 255: a licence
+plate's pixels keep the id of what is underneath, usually car) of which 19 are trained:
+CITYSCAPES_TRAIN_IDS is the official labelId -> trainId table, everything unlisted is ignored. VOC2012 stores labels as
 palette PNGs; OpenCV expands the palette to colours, so decode_voc_colors maps each colour back
 to its index through the standard VOC colour map (index 255, the object border, is ignored).
 ADE20K's raw 0..150 needs 0 -> ignore and x -> x - 1, which util.dataset.build_label_lut does

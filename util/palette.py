@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -11,8 +13,27 @@ import numpy as np
 
 from util.errors import DataError
 
+logger = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# semseg keeps class files in data/<dataset>/; this project ships them in config/<dataset>/.
+SEMSEG_CLASS_FILE = re.compile(r"(?:\./)?data/(?P<dataset>\w+)/(?P=dataset)_(?:names|colors)\.txt")
+
+
+def class_file(path: str, what: str, root: Path = REPO_ROOT) -> str:
+    """The names or colours file to read: `path`, or for semseg's data/<dataset>/<dataset>_names.txt
+    (or _colors.txt) when that does not exist, the same file under config/<dataset>/ (logged)."""
+    match = SEMSEG_CLASS_FILE.fullmatch(path)
+    if Path(path).exists() or match is None:
+        return path
+    shipped = root / "config" / match.group("dataset") / Path(path).name
+    if not shipped.is_file():
+        return path
+    logger.info("%s %s (where semseg keeps it) does not exist; using %s", what, path, shipped)
+    return str(shipped)
+
 
 def _read_lines(path: str, what: str) -> list[str]:
+    path = class_file(path, what)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
