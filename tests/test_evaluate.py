@@ -56,6 +56,14 @@ def test_two_processes_give_the_same_numbers(tiny_toy, tmp_path, checkpoint):
     assert one["classes"] == two["classes"] and one["mIoU"] == two["mIoU"]
     gray_one = sorted(p.name for p in (tmp_path / "one" / "result" / "gray").iterdir())
     assert gray_one == sorted(p.name for p in (tmp_path / "two" / "result" / "gray").iterdir())
+    # The report: rank 0 gathers every process's per-image scores, so its files are the same too.
+    assert {k: v for k, v in one.items() if k != "config"} == {k: v for k, v in two.items() if k != "config"}
+    results = [tmp_path / run / "result" for run in ("one", "two")]
+    pages = [(r / "report.html").read_text().replace(str(r.parent), "RUN") for r in results]
+    assert pages[0] == pages[1] and "RUN/cfg.yaml" in pages[0]
+    for name in ["per_image.csv", "confusion.png"] + [f"vis/{p.name}" for p in (results[0] / "vis").iterdir()]:
+        assert (results[0] / name).read_bytes() == (results[1] / name).read_bytes(), name
+    assert len(list((results[1] / "vis").iterdir())) == 8
 
 
 def test_has_prediction_rescores_saved_pngs(tiny_toy, tmp_path, checkpoint):
