@@ -15,6 +15,7 @@ import torch
 from conftest import run_tool, write_config
 from model import build_model
 from util.config import load_config
+from util.errors import ConfigError
 from util.report import (IGNORED_RGB, WRONG_RGB, ImageScore, confused_pairs, draw_confusion, error_map,
                          heatmap_classes, image_score, worst_images)
 from util.metrics import confusion_matrix
@@ -55,6 +56,11 @@ def test_worst_images_rank_by_miou_then_accuracy_then_list_order():
     assert [s.name for s in worst_images(scores, 3)] == ["b", "e", "c"]
     assert [s.name for s in worst_images(scores, 10)] == ["b", "e", "c", "a"]  # no score, no rank
     assert worst_images(scores, 0) == []
+
+
+def test_negative_report_worst_is_refused(tiny_toy, tmp_path):
+    with pytest.raises(ConfigError, match=r"TEST.report_worst is -1 \(override\).*expected 0 or a positive"):
+        load_config(write_config(tmp_path / "cfg.yaml", tiny_toy), ["TEST.report_worst", "-1"])
 
 
 def test_confused_pairs_heatmap_classes_and_error_map(tmp_path):
