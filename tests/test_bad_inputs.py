@@ -203,7 +203,8 @@ def test_paths_leaving_data_root_need_the_opt_in(tiny_toy, tmp_path, checkpoint)
     out = run_tool("test.py", f"--config={cfg}", "DATA.allow_unsafe_paths", "True")
     assert out.returncode == 0, out.stderr[-3000:]
     written = set(tmp_path.rglob("*.png")) - pngs_before
-    assert len(written) == 3 * 3, sorted(map(str, written))  # gray, color and vis for each image
+    # gray, color and vis for each image, and the report's confusion.png
+    assert len(written) == 3 * 3 + 1, sorted(map(str, written))
     assert all(result in p.parents for p in written), sorted(map(str, written))
     gray = sorted(str(p.relative_to(result / "gray")) for p in (result / "gray").rglob("*.png"))
     assert len(gray) == 3 and "a/x.png" in gray  # the other two: x_<hash of the path>.png, side by side

@@ -43,7 +43,7 @@ def test_writes_predictions_table_and_json(tiny_toy, tmp_path, checkpoint):
         image = cv2.imread(str(tiny_toy / "images" / "val" / f"{name}.jpg"))
         assert gray.shape == image.shape[:2] and gray.max() < 6
         assert (result / "color" / f"{name}.png").is_file()
-    assert len(list((result / "vis").glob("*.png"))) == 2
+    assert len(list((result / "vis").glob("*.png"))) == 8  # labelled split: the report's worst (20 >= 8)
     assert metrics["images"] == 8 and len(metrics["classes"]) == 6
     assert {"mIoU", "mAcc", "allAcc"} <= metrics.keys()
     assert "mIoU" in out.stdout and "sky" in out.stdout and "ETA" in out.stdout
@@ -56,6 +56,14 @@ def test_two_processes_give_the_same_numbers(tiny_toy, tmp_path, checkpoint):
     assert one["classes"] == two["classes"] and one["mIoU"] == two["mIoU"]
     gray_one = sorted(p.name for p in (tmp_path / "one" / "result" / "gray").iterdir())
     assert gray_one == sorted(p.name for p in (tmp_path / "two" / "result" / "gray").iterdir())
+    # The report: rank 0 gathers every process's per-image scores, so its files are the same too.
+    assert {k: v for k, v in one.items() if k != "config"} == {k: v for k, v in two.items() if k != "config"}
+    results = [tmp_path / run / "result" for run in ("one", "two")]
+    pages = [(r / "report.html").read_text().replace(str(r.parent), "RUN") for r in results]
+    assert pages[0] == pages[1] and "RUN/cfg.yaml" in pages[0]
+    for name in ["per_image.csv", "confusion.png"] + [f"vis/{p.name}" for p in (results[0] / "vis").iterdir()]:
+        assert (results[0] / name).read_bytes() == (results[1] / name).read_bytes(), name
+    assert len(list((results[1] / "vis").iterdir())) == 8
 
 
 def test_has_prediction_rescores_saved_pngs(tiny_toy, tmp_path, checkpoint):

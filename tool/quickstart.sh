@@ -22,7 +22,8 @@ $PYTHON tool/test.py --config=$config TEST.model_path "$save_path/train_epoch_$e
 cat <<TXT
 == done
 colour predictions:   $save_folder/color/
-side-by-side images:  $save_folder/vis/   (image | prediction | ground truth)
+report:               $save_folder/report.html   (scores, confusions, the worst images)
+worst images:         $save_folder/vis/   (image | prediction | ground truth | errors)
 scores (JSON):        $save_folder/metrics.json
 checkpoints and logs: $save_path/
 TensorBoard:          tensorboard --logdir $save_path

@@ -3,10 +3,13 @@
   python tool/test.py --config=config/ade20k/ade20k_pspnet50.yaml [SECTION.key value ...]
   torchrun --nproc_per_node=4 tool/test.py --config=...      (shards the list, same numbers)
 
-Writes save_folder/gray/<name>.png (class ids) and save_folder/color/<name>.png, side-by-side
-image | prediction | truth PNGs for the first TEST.vis_count images in save_folder/vis, and for
-splits with labels the per-class table and save_folder/metrics.json. TEST.has_prediction re-scores
-the PNGs already in save_folder/gray without a model. CUDA when available, else CPU.
+Writes save_folder/gray/<name>.png (class ids) and save_folder/color/<name>.png. For splits with
+labels: the per-class table, metrics.json (with the confusion matrix) and the report of
+util/report.py (per_image.csv, confusion.png, report.html, and vis/ panels image | prediction |
+truth | errors of the TEST.report_worst worst images); without labels, vis/ panels of the first
+TEST.vis_count images. TEST.submission_format also writes save_folder/submission/ for a benchmark
+server. TEST.has_prediction re-scores the PNGs already in save_folder/gray without a model.
+CUDA when available, else CPU.
 """
 from __future__ import annotations
 
@@ -28,12 +31,14 @@ from util.checkpoint import check_writable  # noqa: E402
 from util.cli import Progress, run_main, setup_logging  # noqa: E402
 from util.config import Config, add_config_arguments, describe_schema, load_config  # noqa: E402
 from util.dataset import SemSegDataset, dataset_from_config  # noqa: E402
-from util.distributed import barrier, cleanup_distributed, init_distributed, shard_indices  # noqa: E402
+from util.distributed import barrier, cleanup_distributed, gather_to_main, init_distributed, shard_indices  # noqa: E402
 from util.errors import ConfigError, DataError  # noqa: E402
 from util.image_io import read_label  # noqa: E402
 from util.inference import multi_scale_predict, resize_image  # noqa: E402
 from util.metrics import ConfusionMatrix, format_scores_table  # noqa: E402
 from util.palette import colorize, output_names, read_colors, read_names, side_by_side, write_png  # noqa: E402
+from util.report import image_score, write_evaluation_report  # noqa: E402
+from util.submission import check_submission_format, write_submission  # noqa: E402
 
 logger = logging.getLogger("test")
 
@@ -82,6 +87,7 @@ def main() -> None:
         raise ConfigError("TEST.test_list is not set")
     names = read_names(cfg.names_path, cfg.classes) if cfg.names_path else [str(i) for i in range(cfg.classes)]
     colors = read_colors(cfg.colors_path, cfg.classes) if cfg.colors_path else None
+    check_submission_format(cfg.submission_format, cfg.classes)
 
     dataset = dataset_from_config(cfg, cfg.test_list, cfg.split)
     indices = selected_indices(cfg, len(dataset))
@@ -93,27 +99,34 @@ def main() -> None:
 
     matrix = ConfusionMatrix(cfg.classes, cfg.ignore_label, info.device)
     if cfg.has_prediction:
-        rescore_saved_predictions(cfg, dataset, shard, name_of, matrix)
+        per_image = rescore_saved_predictions(cfg, dataset, shard, name_of, matrix)
     else:
-        predict_and_save(cfg, info, dataset, shard, indices, name_of, colors, matrix)
+        per_image = predict_and_save(cfg, info, dataset, shard, indices, name_of, colors, matrix)
 
     if cfg.split != "test":
         matrix.reduce()
         scores = matrix.compute()
+        per_image = gather_to_main(per_image)  # after reduce(): every process has written its PNGs
         if info.is_main:
             logger.info("results on %d images:\n%s", len(indices), format_scores_table(scores, names))
+            conf = matrix.mat.cpu().numpy()
             result = {"config": str(args.config), "model_path": cfg.model_path, "images": len(indices),
-                      "scales": cfg.scales, "flip": cfg.flip, **scores.as_dict(names)}
+                      "scales": cfg.scales, "flip": cfg.flip, **scores.as_dict(names),
+                      "confusion": {"rows": "ground truth", "columns": "prediction", "counts": conf.tolist()}}
             (save / "metrics.json").write_text(json.dumps(result, indent=2))
             logger.info("scores written to %s", save / "metrics.json")
+            started = time.perf_counter()
+            write_evaluation_report(save, cfg, str(args.config), dataset, per_image, conf, scores, names, colors)
+            logger.info("report written to %s in %.1f s", save / "report.html", time.perf_counter() - started)
     barrier()
     if info.is_main:
         logger.info("predictions in %s and %s", save / "gray", save / "color")
     cleanup_distributed()
 
 
-def predict_and_save(cfg, info, dataset, shard, indices, name_of, colors, matrix) -> None:
-    """Run the model on this process's shard, write PNGs and accumulate the confusion matrix."""
+def predict_and_save(cfg, info, dataset, shard, indices, name_of, colors, matrix) -> list:
+    """Run the model on this process's shard, write PNGs and accumulate the confusion matrix;
+    returns the shard's per-image scores (util.report.ImageScore; none without labels)."""
     if not cfg.model_path:
         raise ConfigError("TEST.model_path is not set: evaluation needs a checkpoint (or TEST.has_prediction True)")
     model = load_eval_model(cfg, info.device)
@@ -125,31 +138,37 @@ def predict_and_save(cfg, info, dataset, shard, indices, name_of, colors, matrix
     vis_first = set(indices[:cfg.vis_count])
     progress = Progress(len(shard))
     log_every = max(1, len(shard) // 20)
+    per_image = []
     for done, (index, image, label, scaled) in enumerate(loader, start=1):
         probs = multi_scale_predict(model, scaled, tuple(image.shape[:2]), cfg.classes,
                                     cfg.test_h, cfg.test_w, cfg.stride_rate, cfg.flip, cfg.test_batch_size,
                                     info.device, channels_last=cfg.channels_last, amp=cfg.test_amp)
         pred = probs.argmax(0)
-        if label is not None:
-            matrix.update(pred, torch.as_tensor(np.asarray(label)).to(info.device))
-        pred = pred.to(torch.uint8).cpu().numpy()
         name = name_of[index]
+        if label is not None:
+            counts = matrix.update(pred, torch.as_tensor(np.asarray(label)).to(info.device))
+            per_image.append(image_score(index, name, counts.cpu().numpy()))
+        pred = pred.to(torch.uint8).cpu().numpy()
         write_png(Path(cfg.save_folder) / "gray" / f"{name}.png", pred)
+        write_submission(Path(cfg.save_folder) / "submission", dataset.entries[index].image_path, name, pred,
+                         cfg.submission_format)
         if colors is not None:
             color = colorize(pred, colors)
             write_png(Path(cfg.save_folder) / "color" / f"{name}.png", color)
-            if index in vis_first:
-                truth = None if label is None else colorize(np.asarray(label), colors)
-                write_png(Path(cfg.save_folder) / "vis" / f"{name}.png", side_by_side(np.asarray(image), color, truth))
+            if label is None and index in vis_first:  # with labels, vis/ shows the report's worst images
+                write_png(Path(cfg.save_folder) / "vis" / f"{name}.png", side_by_side(np.asarray(image), color, None))
         if done % log_every == 0 or done == len(shard):
             logger.info("test %s", progress.line(done))
+    return per_image
 
 
-def rescore_saved_predictions(cfg, dataset, shard, name_of, matrix) -> None:
-    """TEST.has_prediction: score save_folder/gray/<name>.png against the labels, no model needed."""
+def rescore_saved_predictions(cfg, dataset, shard, name_of, matrix) -> list:
+    """TEST.has_prediction: score save_folder/gray/<name>.png against the labels, no model needed;
+    returns the per-image scores and writes the submission files of TEST.submission_format."""
     if cfg.split == "test":
         raise ConfigError("TEST.has_prediction scores saved predictions, which needs labels; TEST.split is test")
     gray = Path(cfg.save_folder) / "gray"
+    per_image = []
     for index in shard:
         path = gray / f"{name_of[index]}.png"
         if not path.is_file():
@@ -162,7 +181,10 @@ def rescore_saved_predictions(cfg, dataset, shard, name_of, matrix) -> None:
                             f"{label.shape[1]}x{label.shape[0]}")
         if pred.max() >= cfg.classes:
             raise DataError(f"prediction {path} holds class {int(pred.max())}, outside 0..{cfg.classes - 1}")
-        matrix.update_numpy(pred, label)
+        per_image.append(image_score(index, name_of[index], matrix.update_numpy(pred, label).numpy()))
+        write_submission(Path(cfg.save_folder) / "submission", dataset.entries[index].image_path, name_of[index],
+                         pred, cfg.submission_format)
+    return per_image
 
 
 if __name__ == "__main__":

@@ -135,7 +135,11 @@ SCHEMA: tuple[Field, ...] = (
     _f("TEST", "save_folder", "path", "exp/result", "where gray/, color/ and the scores go"),
     _f("TEST", "colors_path", "path", "", "class colours, one `R G B` per line"),
     _f("TEST", "names_path", "path", "", "class names, one per line"),
-    _f("TEST", "vis_count", "int", 4, "side-by-side image|prediction|truth PNGs for the first N images"),
+    _f("TEST", "vis_count", "int", 4, "side-by-side image|prediction PNGs for the first N images of a split "
+       "without labels (labelled splits: the TEST.report_worst worst images)"),
+    _f("TEST", "report_worst", "int", 20, "worst images (lowest mIoU) shown in save_folder/report.html and vis/"),
+    _f("TEST", "submission_format", "str", "none", "also write predictions as a benchmark server expects, "
+       "in save_folder/submission", ("none", "ade20k", "cityscapes", "voc")),
 )
 FIELDS: dict[str, Field] = {f.name: f for f in SCHEMA}
 
@@ -408,6 +412,7 @@ def validate_config(cfg: Config) -> None:
                 "print_freq", "save_freq", "keep_checkpoints"):
         _check(getattr(cfg, key) >= 1, cfg, key, "expected a positive integer")
     _check(cfg.base_lr > 0, cfg, "base_lr", "expected a positive learning rate")
+    _check(cfg.report_worst >= 0, cfg, "report_worst", "expected 0 or a positive number of images")
     _check(cfg.index_start >= 0 and cfg.index_step >= 0, cfg, "index_start", "index_start and index_step must be >= 0")
     _check(len(cfg.bins) > 0 and all(b >= 1 for b in cfg.bins), cfg, "bins", "expected positive bin sizes")
     _check(0 <= cfg.dropout < 1, cfg, "dropout", "expected a probability in [0, 1)")

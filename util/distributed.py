@@ -244,6 +244,16 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return holder[0]
 
 
+def gather_to_main(items: list) -> list:
+    """Every process's `items` (picklable) concatenated in rank order on rank 0; [] elsewhere.
+    Without a process group: `items` itself."""
+    if not is_distributed():
+        return items
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(items, gathered, dst=0)
+    return [item for part in gathered for item in part] if gathered is not None else []
+
+
 def _check_rank(process_rank: int, process_count: int) -> None:
     if process_count < 1 or not 0 <= process_rank < process_count:
         raise ValueError(f"rank {process_rank} is not in [0, world_size {process_count})")

@@ -91,15 +91,17 @@ class ConfusionMatrix:
         self.device = torch.device(device)  # where an empty matrix lives: NCCL reduces CUDA tensors only
         self.mat: torch.Tensor | None = None
 
-    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """pred: class ids (or logits of shape (N, C, H, W), reduced by argmax); target: same H, W."""
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """pred: class ids (or logits of shape (N, C, H, W), reduced by argmax); target: same H, W.
+        Returns this update's own counts (one image's matrix, for per-image scores)."""
         if pred.dim() == target.dim() + 1:
             pred = pred.argmax(1)
         counts = confusion_matrix(pred, target, self.classes, self.ignore_label)
         self.mat = counts if self.mat is None else self.mat + counts
+        return counts
 
-    def update_numpy(self, pred: np.ndarray, target: np.ndarray) -> None:
-        self.update(torch.from_numpy(np.asarray(pred)), torch.from_numpy(np.asarray(target)))
+    def update_numpy(self, pred: np.ndarray, target: np.ndarray) -> torch.Tensor:
+        return self.update(torch.from_numpy(np.asarray(pred)), torch.from_numpy(np.asarray(target)))
 
     def reduce(self) -> None:
         """Sum the matrices of all processes (all must call this); no-op without a process group."""

@@ -71,13 +71,16 @@ def colorize(label: np.ndarray, colors: np.ndarray) -> np.ndarray:
     return table[label]
 
 
-def side_by_side(image: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
-    """image | prediction | ground truth (if any), RGB uint8, separated by a white bar."""
+def side_by_side(image: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None,
+                 errors: np.ndarray | None = None) -> np.ndarray:
+    """image | prediction | ground truth | error map (the last two if given), RGB uint8,
+    separated by a white bar."""
     h = image.shape[0]
     bar = np.full((h, 4, 3), 255, dtype=np.uint8)
-    parts = [np.clip(image, 0, 255).astype(np.uint8), bar, prediction]
-    if truth is not None:
-        parts += [bar, truth]
+    parts = [np.clip(image, 0, 255).astype(np.uint8)]
+    for panel in (prediction, truth, errors):
+        if panel is not None:
+            parts += [bar, panel]
     return np.concatenate(parts, axis=1)
 
 

@@ -1,0 +1,193 @@
+"""The evaluation report (util/report.py, written by tool/test.py): per-image scores, the
+confusion matrix, the worst images and report.html, checked against independent recomputations."""
+import csv
+import json
+import math
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_tool, write_config
+from model import build_model
+from util.config import load_config
+from util.errors import ConfigError
+from util.report import (IGNORED_RGB, WRONG_RGB, ImageScore, confused_pairs, draw_confusion, error_map,
+                         heatmap_classes, image_score, worst_images)
+from util.metrics import confusion_matrix
+
+WORST = 3
+
+
+def read_png(path: Path) -> np.ndarray:
+    return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+
+
+def recomputed_scores(pred: np.ndarray, label: np.ndarray, ignore: int = 255) -> tuple[float, float, int]:
+    """Pixel accuracy, mIoU over the classes in truth or prediction, valid pixels: straight from
+    the definition, without the confusion matrix."""
+    valid = label != ignore
+    p, t = pred[valid], label[valid]
+    present = sorted(set(np.unique(p).tolist()) | set(np.unique(t).tolist()))
+    ious = [np.sum((p == c) & (t == c)) / np.sum((p == c) | (t == c)) for c in present]
+    return float(np.mean(p == t)), float(np.mean(ious)), int(valid.sum())
+
+
+def test_image_score_by_hand():
+    label = np.array([[0, 0, 1, 255], [2, 2, 1, 255]], dtype=np.uint8)
+    pred = np.array([[0, 1, 1, 3], [2, 0, 1, 3]], dtype=np.uint8)  # class 3 only where ignored
+    score = image_score(7, "x", confusion_matrix(pred, label, 4, 255))
+    # class 0: 1 / 3 pixels in union, class 1: 2 / 3, class 2: 1 / 2; class 3 is in no valid pixel
+    assert (score.index, score.name, score.valid) == (7, "x", 6)
+    assert score.pixel_acc == pytest.approx(4 / 6)
+    assert score.miou == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
+    empty = image_score(0, "all ignored", confusion_matrix(pred, np.full_like(label, 255), 4, 255))
+    assert empty.valid == 0 and math.isnan(empty.miou)
+
+
+def test_worst_images_rank_by_miou_then_accuracy_then_list_order():
+    scores = [ImageScore(0, "a", 0.9, 0.5, 10), ImageScore(1, "b", 0.8, 0.2, 10),
+              ImageScore(2, "c", 0.7, 0.5, 10), ImageScore(3, "d", float("nan"), float("nan"), 0),
+              ImageScore(4, "e", 0.8, 0.2, 10)]
+    assert [s.name for s in worst_images(scores, 3)] == ["b", "e", "c"]
+    assert [s.name for s in worst_images(scores, 10)] == ["b", "e", "c", "a"]  # no score, no rank
+    assert worst_images(scores, 0) == []
+
+
+def test_negative_report_worst_is_refused(tiny_toy, tmp_path):
+    with pytest.raises(ConfigError, match=r"TEST.report_worst is -1 \(override\).*expected 0 or a positive"):
+        load_config(write_config(tmp_path / "cfg.yaml", tiny_toy), ["TEST.report_worst", "-1"])
+
+
+def test_confused_pairs_heatmap_classes_and_error_map(tmp_path):
+    conf = np.array([[50, 5, 0], [20, 10, 1], [0, 0, 0]])
+    assert confused_pairs(conf) == [(1, 0, 20, 20 / 31), (0, 1, 5, 5 / 55), (1, 2, 1, 1 / 31)]
+    big = np.diag(np.arange(1, 151)) * 100
+    big[7, 9], big[120, 3], big[44, 44] = 30, 5, 0
+    assert heatmap_classes(big, limit=3) == [3, 7, 9]  # then 120 (5 errors) is left out
+    assert heatmap_classes(conf, limit=3) == [0, 1, 2]
+    draw_confusion(tmp_path / "c.png", big, [f"class {i}" for i in range(150)])
+    assert read_png(tmp_path / "c.png").shape[2] in (3, 4)
+
+    image = np.full((1, 3, 3), 200.0, dtype=np.float32)
+    errors = error_map(image, np.array([[0, 1, 2]]), np.array([[0, 2, 255]]), 255)
+    assert errors[0, 0].tolist() == [100, 100, 100]  # right: the image, dimmed
+    assert errors[0, 1].tolist() == list(WRONG_RGB) and errors[0, 2].tolist() == list(IGNORED_RGB)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_toy, tmp_path_factory):
+    """One test.py run of a random layers-18 PSPNet on the 8 toy validation images."""
+    folder = tmp_path_factory.mktemp("report")
+    cfg_path = write_config(folder / "cfg.yaml", tiny_toy)
+    torch.manual_seed(1)
+    model = build_model(load_config(cfg_path))
+    torch.save({"state_dict": model.state_dict()}, folder / "model.pth")
+    cfg_path = write_config(folder / "cfg.yaml", tiny_toy, TEST={"model_path": str(folder / "model.pth"),
+                                                              "scales": [1.0], "report_worst": WORST})
+    out = run_tool("test.py", f"--config={cfg_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return folder / "result", out
+
+
+def read_per_image(result: Path) -> dict[str, dict]:
+    with open(result / "per_image.csv", newline="") as f:
+        return {row["name"]: row for row in csv.DictReader(f)}
+
+
+def test_per_image_scores_equal_a_recomputation_from_the_gray_pngs(evaluated, tiny_toy):
+    result, out = evaluated
+    rows = read_per_image(result)
+    names = [line.split()[0].split("/")[-1][:-4] for line in (tiny_toy / "val.txt").read_text().splitlines()]
+    assert list(rows) == names  # list order
+    for name in names:
+        acc, miou, valid = recomputed_scores(read_png(result / "gray" / f"{name}.png"),
+                                             read_png(tiny_toy / "labels" / "val" / f"{name}.png"))
+        row = rows[name]
+        assert int(row["valid_pixels"]) == valid
+        assert float(row["pixel_acc"]) == pytest.approx(acc, abs=1e-12)
+        assert float(row["miou"]) == pytest.approx(miou, abs=1e-12)
+    assert "report written to" in out.stdout and " s\n" in out.stdout.split("report written to")[1]
+
+
+def test_confusion_matrix_sums_to_the_valid_pixels(evaluated, tiny_toy):
+    result, _ = evaluated
+    metrics = json.loads((result / "metrics.json").read_text())
+    counts = np.array(metrics["confusion"]["counts"])
+    labels = [read_png(p) for p in sorted((tiny_toy / "labels" / "val").glob("*.png"))]
+    assert counts.shape == (6, 6)
+    assert counts.sum() == sum(int((label != 255).sum()) for label in labels)
+    assert counts.sum() == sum(int(r["valid_pixels"]) for r in read_per_image(result).values())
+    assert counts.sum(axis=1).tolist() == [c["target"] for c in metrics["classes"]]
+    assert np.diag(counts).tolist() == [c["intersection"] for c in metrics["classes"]]
+
+
+class PageParser(HTMLParser):
+    """The links of a page, and the text of elements by id, class and data-* attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.links, self.by_id, self.rows, self.worst = [], {}, [], []
+        self._open = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.links.append(attrs["src"])
+        if tag == "a":
+            self.links.append(attrs["href"])
+        if "data-class" in attrs:
+            self.rows.append({"class": int(attrs["data-class"])})
+        if "data-name" in attrs:
+            self.worst.append({"name": attrs["data-name"]})
+        self._open = attrs.get("id") or attrs.get("class")
+
+    def handle_data(self, data):
+        if self._open in ("mIoU", "mAcc", "allAcc"):
+            self.by_id[self._open] = data
+        elif self._open in ("iou", "acc") and self.rows and self.rows[-1].get(self._open) is None \
+                and not self.worst:
+            self.rows[-1][self._open] = data
+        elif self._open in ("miou", "acc") and self.worst:
+            self.worst[-1][self._open] = data
+        self._open = None
+
+
+def four(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def test_report_parses_links_existing_files_and_shows_the_json_numbers(evaluated):
+    result, _ = evaluated
+    metrics = json.loads((result / "metrics.json").read_text())
+    page = PageParser()
+    page.feed((result / "report.html").read_text(encoding="utf-8"))
+    page.close()
+    assert "confusion.png" in page.links and len([s for s in page.links if s.startswith("vis/")]) == WORST
+    for link in page.links:
+        assert not link.startswith(("http:", "https:", "/")) and (result / unquote(link)).is_file(), link
+    assert page.by_id == {k: four(metrics[k]) for k in ("mIoU", "mAcc", "allAcc")}
+    by_class = {c["id"]: c for c in metrics["classes"]}
+    assert sorted(r["class"] for r in page.rows) == list(range(6))
+    for row in page.rows:
+        assert (row["iou"], row["acc"]) == (four(by_class[row["class"]]["iou"]), four(by_class[row["class"]]["acc"]))
+    shown = [by_class[r["class"]]["iou"] for r in page.rows]
+    assert shown == sorted(shown, key=lambda x: -1 if x is None else -x)
+
+
+def test_worst_images_are_the_k_lowest_by_miou(evaluated):
+    result, _ = evaluated
+    rows = read_per_image(result)
+    lowest = sorted(rows, key=lambda n: (float(rows[n]["miou"]), float(rows[n]["pixel_acc"])))[:WORST]
+    page = PageParser()
+    page.feed((result / "report.html").read_text(encoding="utf-8"))
+    assert [w["name"] for w in page.worst] == lowest
+    assert [w["miou"] for w in page.worst] == [four(float(rows[n]["miou"])) for n in lowest]
+    assert sorted(p.stem for p in (result / "vis").glob("*.png")) == sorted(lowest)
+    for name in lowest:  # image | prediction | truth | errors, 4 px bars between them
+        panel, gray = read_png(result / "vis" / f"{name}.png"), read_png(result / "gray" / f"{name}.png")
+        assert panel.shape == (gray.shape[0], 4 * gray.shape[1] + 12, 3)
