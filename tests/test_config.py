@@ -106,7 +106,7 @@ def test_inheritance_loop_and_missing_base(tmp_path):
     with pytest.raises(ConfigError, match="inheritance loops"):
         load_config(tmp_path / "a.yaml")
     write(tmp_path / "c.yaml", "_base_: nothere.yaml\n")
-    with pytest.raises(ConfigError, match=r"nothere.yaml does not exist"):
+    with pytest.raises(ConfigError, match=r"nothere.yaml does not exist \(named by _base_ in .*c\.yaml\)"):
         load_config(tmp_path / "c.yaml")
 
 

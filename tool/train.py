@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import resource
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -36,10 +37,10 @@ from util.checkpoint import (BEST_FILE, archive_previous_run, atomic_save, check
                              checkpoints_to_come, epoch_checkpoints, prune_checkpoints, remove_stale_temporaries,
                              resolve_resume, rng_state, set_rng_state, with_module_prefix)
 from util.cli import Progress, run_main, setup_logging  # noqa: E402
-from util.config import Config, add_config_arguments, describe_schema, load_config  # noqa: E402
+from util.config import Config, add_config_arguments, describe_schema, load_config, split_overrides  # noqa: E402
 from util.dataset import dataset_from_config  # noqa: E402
 from util.distributed import (DistInfo, GlobalBatchSampler, broadcast_object, cleanup_distributed,  # noqa: E402
-                              detect_launch, init_distributed, local_world_size, shard_indices,
+                              default_workers, detect_launch, init_distributed, local_world_size, shard_indices,
                               visible_devices)
 from util.errors import ConfigError, UserError  # noqa: E402
 from util.loss import count_valid, label_at_output_size, segmentation_loss  # noqa: E402
@@ -51,6 +52,9 @@ from util.precision import autocast  # noqa: E402
 from util.transform import build_train_transform, build_val_transform  # noqa: E402
 
 logger = logging.getLogger("train")
+RESUME_COMMAND_VARIABLE = "SEMSEG_RESUME_COMMAND"
+VALIDATION_NOTE = (" (centre crop of train_h x train_w, one scale, no flip: a quick check that differs from "
+                   "tool/test.py's sliding-window, multi-scale, flipped score)")
 
 
 class TrainingDiverged(UserError):
@@ -62,13 +66,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     return parser.parse_args(argv)
-
-
-def default_workers(cfg: Config, local_world_size: int) -> int:
-    """TRAIN.workers is per node (semseg); -1 picks min(4, cores per process)."""
-    if cfg.workers >= 0:
-        return (cfg.workers + local_world_size - 1) // local_world_size
-    return min(4, max(1, (os.cpu_count() or 1) // local_world_size))
 
 
 def make_train_loader(cfg: Config, info: DistInfo, seed: int, workers: int) -> tuple[DataLoader, GlobalBatchSampler]:
@@ -149,7 +146,8 @@ def train_worker(cfg: Config) -> None:
     save_path = Path(cfg.save_path)
     if info.is_main:
         check_writable(save_path, "TRAIN.save_path")
-    setup_logging(save_path / f"train-{time.strftime('%Y%m%d_%H%M%S')}.log" if info.is_main else None, info.is_main)
+    log_file = save_path / f"train-{time.strftime('%Y%m%d_%H%M%S')}.log"
+    setup_logging(log_file if info.is_main else None, info.is_main)
     logger.info("training with %d process(es) on %s", info.world_size, info.device)
     if info.is_main:
         cfg.save(save_path / "config.yaml")
@@ -191,9 +189,10 @@ def train_worker(cfg: Config) -> None:
     else:
         if cfg.resume == "auto":
             logger.info("TRAIN.resume auto: no checkpoint in %s, starting from scratch", save_path)
-        archive = archive_previous_run(save_path) if info.is_main else None
+        archive = archive_previous_run(save_path, log_file) if info.is_main else None
         if archive is not None:
-            logger.warning("%s held checkpoints of an earlier run; moved them to %s", save_path, archive)
+            logger.warning("%s held checkpoints of an earlier run; moved them, with its logs and TensorBoard "
+                           "events, to %s", save_path, archive)
 
     model = net
     if info.distributed:
@@ -202,7 +201,7 @@ def train_worker(cfg: Config) -> None:
     if cfg.compile:
         model = torch.compile(model)
 
-    workers = default_workers(cfg, local_world_size(os.environ))
+    workers = default_workers(cfg.workers, local_world_size(os.environ))
     train_loader, sampler = make_train_loader(cfg, info, seed, workers)
     val_loader = make_val_loader(cfg, info, workers) if cfg.evaluate else None
     steps = sampler.steps_per_epoch
@@ -256,8 +255,8 @@ def log_epoch_speed(epoch: int, images: int, seconds: float, data_wait: float, d
 
 def log_scores(what: str, tag: str, scores, epoch: int, cfg: Config, writer) -> None:
     """The epoch's mIoU / mAcc / allAcc in the log and as TensorBoard scalars <name>_<tag>."""
-    logger.info("epoch %d/%d %s mIoU %.4f mAcc %.4f allAcc %.4f", epoch + 1, cfg.epochs, what,
-                scores.miou, scores.macc, scores.allacc)
+    logger.info("epoch %d/%d %s mIoU %.4f mAcc %.4f allAcc %.4f%s", epoch + 1, cfg.epochs, what,
+                scores.miou, scores.macc, scores.allacc, VALIDATION_NOTE if tag == "val" else "")
     if writer is not None:
         for name, value in (("mIoU", scores.miou), ("mAcc", scores.macc), ("allAcc", scores.allacc)):
             writer.add_scalar(f"{name}_{tag}", value, epoch + 1)
@@ -351,13 +350,54 @@ def check_finite(first_bad: torch.Tensor, epoch: int, steps: int, info: DistInfo
             f"TRAIN.resume auto")
 
 
+def train_or_say_how_to_continue(cfg: Config) -> None:
+    """train_worker; when it is interrupted or fails after a checkpoint was saved, say how to go on
+    from that checkpoint (in the `interrupted` line, or in the log before the error)."""
+    try:
+        train_worker(cfg)
+    except KeyboardInterrupt:
+        hint = continue_hint(cfg)
+        if hint is None:
+            raise
+        raise KeyboardInterrupt(hint) from None
+    except Exception:
+        hint = continue_hint(cfg)
+        if hint is not None:
+            logger.warning("the run stopped; %s", hint)
+        raise
+
+
+def continue_hint(cfg: Config) -> str | None:
+    """The newest checkpoint and the command that continues from it; None before the first one
+    or on other ranks than 0."""
+    saved = epoch_checkpoints(cfg.save_path)
+    if not saved or detect_launch(os.environ).rank != 0:
+        return None
+    epoch, path = saved[-1]
+    return f"{path} holds epoch {epoch} of {cfg.epochs}; to continue from it, run: {resume_command()}"
+
+
+def resume_command() -> str:
+    """The launcher's own command when it resumes by default (SEMSEG_RESUME_COMMAND, set by tool/train.sh),
+    else this script's command line with TRAIN.resume auto in place of any other TRAIN.resume."""
+    if os.environ.get(RESUME_COMMAND_VARIABLE):
+        return os.environ[RESUME_COMMAND_VARIABLE]
+    args = parse_args()
+    overrides = [token for key, raw in split_overrides(args.opts) if key.rpartition(".")[2] != "resume"
+                 for token in (key, raw)]
+    launcher = ["python"]
+    if detect_launch(os.environ).launcher == "torchrun":
+        launcher = ["torchrun", f"--nproc_per_node={local_world_size(os.environ)}"]
+    return shlex.join([*launcher, sys.argv[0], f"--config={args.config}", *overrides, "TRAIN.resume", "auto"])
+
+
 def spawn_worker(local_rank: int, cfg: Config, gpus: int) -> None:
     """Child of a plain-python multi-GPU launch: joins the group through the env:// variables."""
     url = urlparse(cfg.dist_url)
     os.environ.update(RANK=str(cfg.rank * gpus + local_rank), LOCAL_RANK=str(local_rank),
                       WORLD_SIZE=str(cfg.world_size * gpus), LOCAL_WORLD_SIZE=str(gpus),
                       MASTER_ADDR=url.hostname or "127.0.0.1", MASTER_PORT=str(url.port or 29500))
-    run_main(lambda: train_worker(cfg))
+    run_main(lambda: train_or_say_how_to_continue(cfg))
 
 
 def main() -> None:
@@ -375,7 +415,7 @@ def main() -> None:
         except mp.ProcessException as e:  # the failing child has printed its own reason
             sys.exit(f"training stopped: {str(e).splitlines()[0]}")
         return
-    train_worker(cfg)
+    train_or_say_how_to_continue(cfg)
 
 
 if __name__ == "__main__":
