@@ -101,8 +101,8 @@ def test_ctrl_c_under_train_sh_says_how_to_continue_and_the_same_command_resumes
     command = last.split("to continue from it, run: ", 1)[1]
     assert shlex.split(command)[:5] == [f"EXP_ROOT={tmp_path / 'exp'}", f"PYTHON={sys.executable}", "sh",
                                         "tool/train.sh", "toy"]
-    resumed = subprocess.run(["sh", "-c", command], cwd=REPO_ROOT, env={**os.environ, **CPU_ONLY, "OMP_NUM_THREADS": "1"},
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(["sh", "-c", command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, **CPU_ONLY, "OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout and "previous-" not in resumed.stdout
     assert json.loads((exp_dir / "result" / "epoch_2" / "val" / "ss" / "metrics.json").read_text())["images"] == 8

@@ -23,7 +23,8 @@ def shipped_files(folder: Path, pattern: str) -> list[Path]:
     config does not fail the suite; every match outside a git checkout (an unpacked release)."""
     found = sorted(folder.rglob(pattern))
     try:
-        listed = subprocess.run(["git", "-C", str(folder), "ls-files", "-z", "--", "."], capture_output=True, check=True)
+        listed = subprocess.run(["git", "-C", str(folder), "ls-files", "-z", "--", "."], capture_output=True,
+                                check=True)
     except (OSError, subprocess.CalledProcessError):
         return found
     tracked = {(folder / name).resolve() for name in listed.stdout.decode().split("\0") if name}

@@ -167,7 +167,8 @@ def test_a_folder_as_checkpoint_is_named_a_folder_with_its_newest_checkpoint(tmp
         load_checkpoint(tmp_path, "TEST.model_path")
     for epoch in (2, 10):
         torch.save({"epoch": epoch}, tmp_path / f"train_epoch_{epoch}.pth")
-    with pytest.raises(CheckpointError, match=rf"is a folder; expected a checkpoint file, e.g. {tmp_path}/train_epoch_10.pth$"):
+    newest = tmp_path / "train_epoch_10.pth"
+    with pytest.raises(CheckpointError, match=rf"is a folder; expected a checkpoint file, e.g. {newest}$"):
         load_checkpoint(tmp_path, "TEST.model_path")
 
 

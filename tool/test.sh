@@ -11,4 +11,4 @@ cd "$(dirname "$0")/.."
 . tool/experiment.sh
 NPROC=${NPROC:-1}
 cp tool/test.sh tool/test.py "$config" "$exp_dir"
-evaluate "$exp_dir/test-$now.out" "$PYTHON -m torch.distributed.run --standalone --nproc_per_node=$NPROC" "$@"
+evaluate "$exp_dir/test-$now.out" "$(launch_command "$NPROC")" "$@"

@@ -17,15 +17,10 @@ cd "$(dirname "$0")/.."
 NPROC=${NPROC:-$($PYTHON -c "import torch; print(max(1, torch.cuda.device_count()))")}
 cp tool/train.sh tool/train.py tool/test.py "$config" "$exp_dir"   # what produced this experiment
 
-if [ "$NPROC" -gt 1 ]; then
-  launch="$PYTHON -m torch.distributed.run --standalone --nproc_per_node=$NPROC"
-  one_process=""
-else  # one process needs no torchrun, whose own report after Ctrl-C would bury train.py's
-  launch="$PYTHON"
-  one_process="Distributed.multiprocessing_distributed False"
-fi
+one_process=""
+[ "$NPROC" -gt 1 ] || one_process="Distributed.multiprocessing_distributed False"  # no spawn either
 SEMSEG_RESUME_COMMAND=$($PYTHON -m util.experiment rerun "$0" "$dataset" "$exp_name" "$@")
 export SEMSEG_RESUME_COMMAND   # what train.py prints when interrupted or stopped after a checkpoint
-logged "$exp_dir/train-$now.out" $launch tool/train.py --config="$config" $one_process \
+logged "$exp_dir/train-$now.out" $(launch_command "$NPROC") tool/train.py --config="$config" $one_process \
   TRAIN.save_path "$exp_dir/model" TRAIN.resume auto "$@"
 evaluate "$exp_dir/test-$now.out" "$PYTHON" "$@"

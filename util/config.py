@@ -409,8 +409,9 @@ def validate_config(cfg: Config) -> None:
     _check(cfg.ignore_label >= cfg.classes, cfg, "ignore_label", f"it must not be a class id 0..{cfg.classes - 1}")
     for key in ("train_h", "train_w", "test_h", "test_w"):
         side = getattr(cfg, key)
+        nearest = " or ".join(map(str, nearest_crop_sides(side)))
         _check(side > 8 and (side - 1) % 8 == 0, cfg, key,
-               f"crop sides must be 8k+1 (e.g. 465, 473, 713); nearest: {' or '.join(map(str, nearest_crop_sides(side)))}")
+               f"crop sides must be 8k+1 (e.g. 465, 473, 713); nearest: {nearest}")
     _check(0 < cfg.scale_min <= cfg.scale_max, cfg, "scale_min", f"expected 0 < scale_min <= scale_max ({cfg.scale_max})")
     _check(cfg.rotate_min <= cfg.rotate_max, cfg, "rotate_min", f"expected rotate_min <= rotate_max ({cfg.rotate_max})")
     _check(len(cfg.scales) > 0 and all(s > 0 for s in cfg.scales), cfg, "scales",
