@@ -181,8 +181,9 @@ def test_checkpoint_mistakes_through_the_scripts_are_one_line(tiny_toy, tmp_path
     data = bytearray((model / "train_epoch_1.pth").read_bytes())
     data[len(data) // 2:len(data) // 2 + 4096] = bytes(4096)
     (model / "train_epoch_1.pth").write_bytes(data)
-    assert_one_line_error(run_tool("train.py", f"--config={cfg}", "TRAIN.resume", "auto"),
-                          f"TRAIN.resume: {model / 'train_epoch_1.pth'} is damaged", "does not match the checksum")
+    out = run_tool("train.py", f"--config={cfg}", "TRAIN.resume", "auto")
+    assert_one_line_error(out, f"TRAIN.resume: {model / 'train_epoch_1.pth'} is damaged", "does not match the checksum")
+    assert "to continue from it" not in out.stdout  # no advice to resume from the damaged file
 
 
 def test_debug_switch_shows_the_traceback(data, checkpoint):

@@ -213,27 +213,28 @@ def train_worker(cfg: Config) -> None:
 
     progress = Progress(max_iter, start=start_epoch * steps)
     scores = None
-    for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
-        model.train()
-        epoch_start = time.perf_counter()
-        wait, train_scores = train_one_epoch(cfg, info, model, train_loader, optimizer, scaler, epoch, steps,
-                                             max_iter, progress, writer)
-        log_epoch_speed(epoch, steps * cfg.batch_size, time.perf_counter() - epoch_start, wait, info.device)
-        log_scores("training", "train", train_scores, epoch, cfg, writer)
-        is_best = False
-        if val_loader is not None:
-            scores = validate(net, val_loader, cfg, info)  # unwrapped: shards may differ in length
-            is_best = scores.miou > best_miou
-            best_miou = max(best_miou, scores.miou)
-            log_scores("validation", "val", scores, epoch, cfg, writer)
-        epoch_file = (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs
-        if info.is_main and (epoch_file or is_best):
-            for path in save_checkpoint(cfg, epoch + 1, (epoch + 1) * steps, net, optimizer, scaler, best_miou,
-                                        is_best, epoch_file):
-                logger.info("saved %s", path)
-        if info.distributed:
-            dist.barrier()  # no process starts the next epoch before the checkpoint is complete
+    with say_how_to_continue(cfg, info):  # once epochs run, an interrupt or a failure names the way on
+        for epoch in range(start_epoch, cfg.epochs):
+            sampler.set_epoch(epoch)
+            model.train()
+            epoch_start = time.perf_counter()
+            wait, train_scores = train_one_epoch(cfg, info, model, train_loader, optimizer, scaler, epoch, steps,
+                                                 max_iter, progress, writer)
+            log_epoch_speed(epoch, steps * cfg.batch_size, time.perf_counter() - epoch_start, wait, info.device)
+            log_scores("training", "train", train_scores, epoch, cfg, writer)
+            is_best = False
+            if val_loader is not None:
+                scores = validate(net, val_loader, cfg, info)  # unwrapped: shards may differ in length
+                is_best = scores.miou > best_miou
+                best_miou = max(best_miou, scores.miou)
+                log_scores("validation", "val", scores, epoch, cfg, writer)
+            epoch_file = (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs
+            if info.is_main and (epoch_file or is_best):
+                for path in save_checkpoint(cfg, epoch + 1, (epoch + 1) * steps, net, optimizer, scaler, best_miou,
+                                            is_best, epoch_file):
+                    logger.info("saved %s", path)
+            if info.distributed:
+                dist.barrier()  # no process starts the next epoch before the checkpoint is complete
     if scores is not None:
         names = read_names(cfg.names_path, cfg.classes) if cfg.names_path else None
         logger.info("final validation:\n%s", format_scores_table(scores, names))
@@ -350,28 +351,32 @@ def check_finite(first_bad: torch.Tensor, epoch: int, steps: int, info: DistInfo
             f"TRAIN.resume auto")
 
 
-def train_or_say_how_to_continue(cfg: Config) -> None:
-    """train_worker; when it is interrupted or fails after a checkpoint was saved, say how to go on
-    from that checkpoint (in the `interrupted` line, or in the log before the error)."""
+@contextlib.contextmanager
+def say_how_to_continue(cfg: Config, info: DistInfo):
+    """When the epochs inside are interrupted, or fail after a checkpoint exists, name the newest
+    checkpoint and the command that continues from it: in the `interrupted` line, or in the log
+    before the error line. Rank 0 only."""
     try:
-        train_worker(cfg)
+        yield
     except KeyboardInterrupt:
-        hint = continue_hint(cfg)
+        hint = continue_hint(cfg) if info.is_main else None
         if hint is None:
             raise
         raise KeyboardInterrupt(hint) from None
     except Exception:
-        hint = continue_hint(cfg)
+        hint = continue_hint(cfg) if info.is_main else None
         if hint is not None:
             logger.warning("the run stopped; %s", hint)
         raise
 
 
 def continue_hint(cfg: Config) -> str | None:
-    """The newest checkpoint and the command that continues from it; None before the first one
-    or on other ranks than 0."""
-    saved = epoch_checkpoints(cfg.save_path)
-    if not saved or detect_launch(os.environ).rank != 0:
+    """The newest checkpoint and the command that continues from it; None before the first one."""
+    try:
+        saved = epoch_checkpoints(cfg.save_path)
+    except OSError:  # say nothing rather than hide the error being reported
+        return None
+    if not saved:
         return None
     epoch, path = saved[-1]
     return f"{path} holds epoch {epoch} of {cfg.epochs}; to continue from it, run: {resume_command()}"
@@ -397,7 +402,7 @@ def spawn_worker(local_rank: int, cfg: Config, gpus: int) -> None:
     os.environ.update(RANK=str(cfg.rank * gpus + local_rank), LOCAL_RANK=str(local_rank),
                       WORLD_SIZE=str(cfg.world_size * gpus), LOCAL_WORLD_SIZE=str(gpus),
                       MASTER_ADDR=url.hostname or "127.0.0.1", MASTER_PORT=str(url.port or 29500))
-    run_main(lambda: train_or_say_how_to_continue(cfg))
+    run_main(lambda: train_worker(cfg))
 
 
 def main() -> None:
@@ -415,7 +420,7 @@ def main() -> None:
         except mp.ProcessException as e:  # the failing child has printed its own reason
             sys.exit(f"training stopped: {str(e).splitlines()[0]}")
         return
-    train_or_say_how_to_continue(cfg)
+    train_worker(cfg)
 
 
 if __name__ == "__main__":
