@@ -12,6 +12,7 @@ from pathlib import Path
 
 from conftest import CPU_ONLY, REPO_ROOT
 from util.config import load_config
+from util.experiment import RESUME_COMMAND_VARIABLE, result_folder, rerun_command, resume_command
 
 
 def tiny_overrides(toy: Path) -> list[str]:
@@ -106,3 +107,22 @@ def test_ctrl_c_under_train_sh_says_how_to_continue_and_the_same_command_resumes
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout and "previous-" not in resumed.stdout
     assert json.loads((exp_dir / "result" / "epoch_2" / "val" / "ss" / "metrics.json").read_text())["images"] == 8
+
+
+def test_result_folders_are_named_after_the_checkpoint_split_and_scales():
+    assert result_folder("exp/a/b", "exp/a/b/model/train_epoch_12.pth", "val", [1.0]) == \
+        Path("exp/a/b/result/epoch_12/val/ss")
+    assert result_folder("x", "/elsewhere/best.pth", "test", [0.5, 1.0]) == Path("x/result/best/test/ms")
+
+
+def test_the_continue_command_replaces_any_other_resume_setting(monkeypatch):
+    argv = ["tool/train.py", "--config=c.yaml", "TRAIN.resume", "''", "TRAIN.epochs=3", "resume", "old.pth"]
+    assert resume_command(argv, {}, "single") == "python tool/train.py --config=c.yaml TRAIN.epochs 3 TRAIN.resume auto"
+    assert resume_command(argv, {"LOCAL_WORLD_SIZE": "4"}, "torchrun").startswith(
+        "torchrun --nproc_per_node=4 tool/train.py --config=c.yaml")
+    assert resume_command(argv, {RESUME_COMMAND_VARIABLE: "sh tool/train.sh a b"}, "single") == "sh tool/train.sh a b"
+    monkeypatch.setenv("EXP_ROOT", "/x y")
+    monkeypatch.delenv("NPROC", raising=False)
+    monkeypatch.delenv("PYTHON", raising=False)
+    assert rerun_command("tool/train.sh", "toy", "pspnet18", ["TRAIN.resume", "''", "TEST.scales", "[1.0, 2.0]"]) == \
+        "'EXP_ROOT=/x y' sh tool/train.sh toy pspnet18 TEST.scales '[1.0, 2.0]'"

@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 import resource
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -37,12 +36,13 @@ from util.checkpoint import (BEST_FILE, archive_previous_run, atomic_save, check
                              checkpoints_to_come, epoch_checkpoints, prune_checkpoints, remove_stale_temporaries,
                              resolve_resume, rng_state, set_rng_state, with_module_prefix)
 from util.cli import Progress, run_main, setup_logging  # noqa: E402
-from util.config import Config, add_config_arguments, describe_schema, load_config, split_overrides  # noqa: E402
+from util.config import Config, add_config_arguments, describe_schema, load_config  # noqa: E402
 from util.dataset import dataset_from_config  # noqa: E402
 from util.distributed import (DistInfo, GlobalBatchSampler, broadcast_object, cleanup_distributed,  # noqa: E402
                               default_workers, detect_launch, init_distributed, local_world_size, shard_indices,
                               visible_devices)
 from util.errors import ConfigError, UserError  # noqa: E402
+from util.experiment import resume_command  # noqa: E402
 from util.loss import count_valid, label_at_output_size, segmentation_loss  # noqa: E402
 from util.memory import children_peak_mib  # noqa: E402
 from util.metrics import ConfusionMatrix, format_scores_table  # noqa: E402
@@ -52,7 +52,6 @@ from util.precision import autocast  # noqa: E402
 from util.transform import build_train_transform, build_val_transform  # noqa: E402
 
 logger = logging.getLogger("train")
-RESUME_COMMAND_VARIABLE = "SEMSEG_RESUME_COMMAND"
 VALIDATION_NOTE = (" (centre crop of train_h x train_w, one scale, no flip: a quick check that differs from "
                    "tool/test.py's sliding-window, multi-scale, flipped score)")
 
@@ -379,21 +378,8 @@ def continue_hint(cfg: Config) -> str | None:
     if not saved:
         return None
     epoch, path = saved[-1]
-    return f"{path} holds epoch {epoch} of {cfg.epochs}; to continue from it, run: {resume_command()}"
-
-
-def resume_command() -> str:
-    """The launcher's own command when it resumes by default (SEMSEG_RESUME_COMMAND, set by tool/train.sh),
-    else this script's command line with TRAIN.resume auto in place of any other TRAIN.resume."""
-    if os.environ.get(RESUME_COMMAND_VARIABLE):
-        return os.environ[RESUME_COMMAND_VARIABLE]
-    args = parse_args()
-    overrides = [token for key, raw in split_overrides(args.opts) if key.rpartition(".")[2] != "resume"
-                 for token in (key, raw)]
-    launcher = ["python"]
-    if detect_launch(os.environ).launcher == "torchrun":
-        launcher = ["torchrun", f"--nproc_per_node={local_world_size(os.environ)}"]
-    return shlex.join([*launcher, sys.argv[0], f"--config={args.config}", *overrides, "TRAIN.resume", "auto"])
+    command = resume_command(sys.argv, os.environ, detect_launch(os.environ).launcher)
+    return f"{path} holds epoch {epoch} of {cfg.epochs}; to continue from it, run: {command}"
 
 
 def spawn_worker(local_rank: int, cfg: Config, gpus: int) -> None:
