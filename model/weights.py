@@ -14,6 +14,7 @@ import logging
 import pickle
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from model.resnet import BACKBONE_MODULES
+from util.checkpoint import epoch_checkpoints
 from util.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,10 @@ DEEP_STEM_NAMES = {"conv1": "layer0.0", "bn1": "layer0.1", "conv2": "layer0.3",
                    "bn2": "layer0.4", "conv3": "layer0.6", "bn3": "layer0.7"}
 WIDE_STEM_NAMES = {"conv1": "layer0.0", "bn1": "layer0.1"}
 CLASSIFIER_KEY = "cls.4.weight"
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+LEGACY_PICKLE_START = b"\x80\x02\x8a\x0a"  # the older format: pickle protocol 2, then a long magic number
+FILE_KINDS = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"%PDF", "a PDF document"),
+              (b"\x1f\x8b", "a gzip archive"), (b"\x93NUMPY", "a NumPy array file"), (b"\x89HDF", "an HDF5 file"))
 LISTED_NAMES = 6
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEMSEG_IMAGENET_FILE = "initmodel/resnet{layers}_v2.pth"  # semseg's default, under the repository root
@@ -73,24 +79,72 @@ class LoadReport:
 
 
 def load_checkpoint(path: PathLike, config_key: str, trust_pickle: bool = False) -> Any:
-    """torch.load on CPU with weights_only unless trust_pickle; file problems -> CheckpointError."""
+    """torch.load on CPU with weights_only unless trust_pickle, after checking that the file is a
+    PyTorch checkpoint and, for the zip format, that its CRC-32s match; problems -> CheckpointError."""
     path = Path(path)
+    if path.is_dir():
+        saved = epoch_checkpoints(path)
+        example = saved[-1][1] if saved else path / "train_epoch_<n>.pth"
+        raise CheckpointError(f"{config_key}: {path} is a folder; expected a checkpoint file, e.g. {example}")
     if not path.is_file():
         raise CheckpointError(f"{config_key}: weight file not found: {path}")
+    check_integrity(path, config_key)
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL (\S+)", str(error))
         if found is None:
-            raise CheckpointError(f"{config_key}: {path} is not a readable PyTorch weight file "
-                                  f"({_first_line(error)})") from None
+            raise CheckpointError(f"{config_key}: {path} is damaged: it is not a readable PyTorch checkpoint "
+                                  f"({_unpickler_reason(error)})") from None
         raise CheckpointError(
             f"{config_key}: {path} contains arbitrary Python objects (e.g. {found.group(1)}), not just tensors; "
             f"loading was refused because unpickling them can run code. If the file is a legacy checkpoint "
             f"from a source you trust, opt in with TRAIN.trust_pickle True (or re-save it as a plain state dict)") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
-        raise CheckpointError(f"{config_key}: {path} is not a readable PyTorch weight file "
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as error:
+        raise CheckpointError(f"{config_key}: {path} is damaged: it is not a readable PyTorch checkpoint "
                               f"({_first_line(error)})") from None
+
+
+def check_integrity(path: Path, config_key: str) -> None:
+    """Refuse a file that is not a checkpoint at all, and a zip-format checkpoint whose content
+    no longer matches the CRC-32 that torch.save wrote for each of its records (bit rot, a
+    damaged copy). Legacy (pre-zip) pickles and files saved without CRC-32s carry no checksum and are
+    only checked by loading."""
+    with open(path, "rb") as f:
+        head = f.read(len(ZIP_MAGIC))
+    if head == LEGACY_PICKLE_START:
+        return
+    if head != ZIP_MAGIC:
+        raise CheckpointError(f"{config_key}: {path} is not a PyTorch checkpoint ({_describe_content(path)}); "
+                              f"expected a file written by torch.save, such as train_epoch_<n>.pth")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(record.CRC for record in archive.infolist() if record.file_size):
+                return  # saved with torch.serialization.set_crc32_options(False): no checksums to compare
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as error:
+        raise CheckpointError(f"{config_key}: {path} is damaged or truncated: its zip structure cannot be read "
+                              f"({_first_line(error)}); use another copy or an earlier checkpoint") from None
+    if damaged is not None:
+        raise CheckpointError(f"{config_key}: {path} is damaged: its record {damaged} does not match the "
+                              f"checksum written when it was saved; use another copy or an earlier checkpoint")
+
+
+def _describe_content(path: Path) -> str:
+    """A few words on what a non-checkpoint file holds, from its first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    for magic, kind in FILE_KINDS:
+        if head.startswith(magic):
+            return f"it is {kind}"
+    if not head:
+        return "it is empty"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(head) - 3:  # not just a character cut at the 512-byte boundary
+            return "unrecognised binary content"
+    return "it is a text file"
 
 
 def load_state_dict_file(path: PathLike, config_key: str, trust_pickle: bool = False) -> StateDict:
@@ -151,6 +205,13 @@ def load_model_state(model: nn.Module, checkpoint: Any, path: PathLike, config_k
     backbone = {key: value for key, value in model_state.items() if _is_backbone_key(key, model_state)}
     _require_most_of_backbone(report, backbone, path, config_key)
     return _apply(model, state, report, path, config_key)
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """What torch's weights-only unpickler found, without its advice to load with weights_only=False."""
+    _, marker, rest = str(error).partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in rest.splitlines() if line.strip()]
+    return lines[0] if marker and lines else "its pickled content cannot be read"
 
 
 def _first_line(error: Exception) -> str:

@@ -95,14 +95,14 @@ def non_utf8_list(root):
         f.write(b"img/caf\xe9.jpg lbl/caf\xe9.png\n")
 
 
-# (what breaks, which tool, data-loader workers for train.py, fragments the one line must hold)
+# (what breaks, which tool, TRAIN.workers (data-loader workers of both tools), fragments the one line must hold)
 DATA_CASES = {
     "corrupt_jpeg": (corrupt_jpeg, "train.py", 2, [IMAGE, "list.txt line 1", "cannot be decoded"]),
-    "truncated_png": (truncate_png, "test.py", 0, [LABEL, "list.txt line 1", "cannot be decoded"]),
+    "truncated_png": (truncate_png, "test.py", 2, [LABEL, "list.txt line 1", "cannot be decoded"]),
     "missing_file": (delete_image, "train.py", 0, [IMAGE, "list.txt line 1", "not found"]),
     "label_out_of_range": (label_out_of_range, "test.py", 0, [LABEL, "values [9]", "DATA.classes is 6"]),
     "colour_label": (colour_label, "train.py", 2, [LABEL, "3 channels", "single-channel"]),
-    "size_mismatch": (size_mismatch, "test.py", 0, [IMAGE, LABEL, "list.txt line 1", "same size"]),
+    "size_mismatch": (size_mismatch, "test.py", 2, [IMAGE, LABEL, "list.txt line 1", "same size"]),
     "empty_list": (empty_list, "train.py", 0, ["list.txt", "contains no samples"]),
     "three_columns": (three_columns, "test.py", 0, ["list.txt line 3", "has 3 columns", "expected 2 columns"]),
     "non_utf8_list": (non_utf8_list, "train.py", 2, ["list.txt line 3", "not valid UTF-8"]),
@@ -111,7 +111,7 @@ DATA_CASES = {
 
 @pytest.mark.parametrize("case", DATA_CASES)
 def test_bad_data_is_one_line_naming_the_file(case, data, checkpoint):
-    """Also through DataLoader worker processes (train.py workers 2; test.py always uses workers)."""
+    """Also through DataLoader worker processes (TRAIN.workers 2)."""
     breaks, tool, workers, fragments = DATA_CASES[case]
     cfg = config_on(data, checkpoint, workers)
     breaks(data)
@@ -120,7 +120,7 @@ def test_bad_data_is_one_line_naming_the_file(case, data, checkpoint):
 
 # (overrides, tool, fragments); a few go through test.py so both scripts are covered.
 CONFIG_CASES = {
-    "crop_not_8k_plus_1": (["TRAIN.train_h", "32"], "train.py", ["TRAIN.train_h is 32", "8k+1"]),
+    "crop_not_8k_plus_1": (["TRAIN.train_h", "32"], "train.py", ["TRAIN.train_h is 32", "8k+1", "nearest: 25 or 33"]),
     "psa_mask_even": (["TRAIN.arch", "psa", "TRAIN.mask_h", "4", "TRAIN.mask_w", "5"], "train.py",
                       ["TRAIN.mask_h", "odd integer in [3, 5]", "got 4"]),
     "unknown_arch": (["TRAIN.arch", "deeplab"], "train.py", ["TRAIN.arch", "psp, psa", "'deeplab'"]),
@@ -160,6 +160,30 @@ def test_checkpoint_that_does_not_fit_is_refused_for_weight_and_resume(tiny_toy,
         assert_one_line_error(out, str(path), "has 6 classes", "DATA.classes is 5")
     out = run_tool("train.py", f"--config={cfg}", "DATA.classes", "6", "TRAIN.resume", str(checkpoint))
     assert_one_line_error(out, "TRAIN.resume", str(checkpoint), "not a training checkpoint", "use TRAIN.weight")
+
+
+def test_checkpoint_mistakes_through_the_scripts_are_one_line(tiny_toy, tmp_path, checkpoint):
+    """A text file as TEST.model_path (once a 20-line KeyError), a training checkpoint with 4 KB
+    zeroed inside found by `resume auto`, a folder, and `''` (empty, as a YAML literal)."""
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_toy)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("best model: epoch 3\n")
+    assert_one_line_error(run_tool("test.py", f"--config={cfg}", "TEST.model_path", str(notes)),
+                          f"TEST.model_path: {notes} is not a PyTorch checkpoint (it is a text file)")
+    assert_one_line_error(run_tool("test.py", f"--config={cfg}", "TEST.model_path", str(tmp_path)),
+                          f"TEST.model_path: {tmp_path} is a folder")
+    assert_one_line_error(run_tool("test.py", f"--config={cfg}", "TEST.model_path", "''"), "TEST.model_path is not set")
+
+    model = tmp_path / "model"
+    model.mkdir()
+    weights = torch.load(checkpoint, weights_only=True)
+    torch.save({**weights, "optimizer": {}, "scaler": {}, "best_miou": 0.5, "rng": {}}, model / "train_epoch_1.pth")
+    data = bytearray((model / "train_epoch_1.pth").read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4096] = bytes(4096)
+    (model / "train_epoch_1.pth").write_bytes(data)
+    out = run_tool("train.py", f"--config={cfg}", "TRAIN.resume", "auto")
+    assert_one_line_error(out, f"TRAIN.resume: {model / 'train_epoch_1.pth'} is damaged", "does not match the checksum")
+    assert "to continue from it" not in out.stdout  # no advice to resume from the damaged file
 
 
 def test_debug_switch_shows_the_traceback(data, checkpoint):

@@ -51,6 +51,21 @@ def test_label_map_is_applied_before_counting(tiny_toy, tmp_path, capsys):
     assert "note: DATA.val_list is not set" not in out and "\nval:" not in out
 
 
+def test_a_crop_larger_than_every_training_image_is_a_warning(tiny_toy, tmp_path, capsys):
+    """The tiny toy images are 48-64 px a side: a 57x33 crop fits some of them, 65x65 none."""
+    sizes = [cv2.imread(str(tiny_toy / line.split()[0])).shape[:2]
+             for line in (tiny_toy / "train.txt").read_text().splitlines()]
+    largest = max(sizes, key=lambda size: size[0] * size[1])
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_toy)
+    assert check([f"--config={cfg}", "--split", "train", "--workers", "1", "TRAIN.train_h", "57"]) == 0
+    assert "warning: the training crop" not in capsys.readouterr().out
+    assert check([f"--config={cfg}", "--split", "train", "--workers", "1", "TRAIN.train_h", "65",
+                  "TRAIN.train_w", "65"]) == 0
+    out = capsys.readouterr().out
+    assert (f"warning: the training crop TRAIN.train_h x train_w 65x65 is larger than every image in train (the "
+            f"largest is {largest[1]}x{largest[0]}, WxH): at scale 1 each crop is the whole image plus padding") in out
+
+
 def break_toy_copy(tiny_toy, tmp_path):
     root = tmp_path / "broken"
     shutil.copytree(tiny_toy, root)

@@ -94,6 +94,19 @@ def test_cross_key_rules(base_cfg, override, message):
         load_config(base_cfg, override)
 
 
+@pytest.mark.parametrize("side, nearest", [(128, "121 or 129"), (130, "129 or 137"), (4, "9"), (470, "465 or 473")])
+def test_a_crop_that_is_not_8k_plus_1_names_the_nearest_valid_sides(base_cfg, side, nearest):
+    with pytest.raises(ConfigError, match=rf"TEST.test_w is {side} \(override\); crop sides must be 8k\+1 .*; "
+                                          rf"nearest: {nearest}$"):
+        load_config(base_cfg, ["TEST.test_w", str(side)])
+
+
+@pytest.mark.parametrize("raw, value", [("''", ""), ('""', ""), ("'a b.pth'", "a b.pth"), ("it's.pth", "it's.pth"),
+                                        ("'x", "'x"), ("plain.pth", "plain.pth")])
+def test_quoted_string_overrides_read_as_yaml_literals(base_cfg, raw, value):
+    assert load_config(base_cfg, ["TEST.model_path", raw]).model_path == value
+
+
 def test_missing_required_key(tmp_path):
     p = write(tmp_path / "c.yaml", "DATA:\n  data_root: x\n")
     with pytest.raises(ConfigError, match=r"DATA.classes must be set"):
@@ -106,7 +119,7 @@ def test_inheritance_loop_and_missing_base(tmp_path):
     with pytest.raises(ConfigError, match="inheritance loops"):
         load_config(tmp_path / "a.yaml")
     write(tmp_path / "c.yaml", "_base_: nothere.yaml\n")
-    with pytest.raises(ConfigError, match=r"nothere.yaml does not exist"):
+    with pytest.raises(ConfigError, match=r"nothere.yaml does not exist \(named by _base_ in .*c\.yaml\)"):
         load_config(tmp_path / "c.yaml")
 
 

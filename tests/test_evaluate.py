@@ -1,7 +1,9 @@
 """tool/test.py end to end on the tiny toy data: outputs, 2 processes == 1, re-scoring saved PNGs."""
 import json
+import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import pytest
@@ -47,6 +49,21 @@ def test_writes_predictions_table_and_json(tiny_toy, tmp_path, checkpoint):
     assert metrics["images"] == 8 and len(metrics["classes"]) == 6
     assert {"mIoU", "mAcc", "allAcc"} <= metrics.keys()
     assert "mIoU" in out.stdout and "sky" in out.stdout and "ETA" in out.stdout
+
+
+@pytest.mark.parametrize("workers, processes, cores, expected", [(-1, 1, 2, 2), (-1, 1, 16, 4), (-1, 2, 2, 1),
+                                                                  (0, 1, 8, 0), (6, 2, 8, 3), (16, 1, 8, 8)])
+def test_evaluation_loader_follows_the_training_worker_rule(tiny_toy, tmp_path, monkeypatch, workers, processes,
+                                                            cores, expected):
+    """TRAIN.workers per node split across the node's processes, -1 = min(4, cores per process), at
+    most one per image (8 here): never more than PyTorch suggests, so no DataLoader warning."""
+    from tool.test import ScaledImages, make_loader
+    from util.dataset import dataset_from_config
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", tiny_toy, TRAIN={"workers": workers}))
+    images = ScaledImages(dataset_from_config(cfg, cfg.test_list, "val"), list(range(8)), [64])
+    assert make_loader(cfg, SimpleNamespace(device=torch.device("cpu")), images).num_workers == expected
 
 
 @pytest.mark.slow

@@ -319,10 +319,14 @@ def test_diverging_loss_stops_at_its_iteration_and_keeps_the_last_checkpoint(tin
     assert epoch == 2 and iteration == 4 + step  # 4 steps per epoch; epoch 1 came from the checkpoint
     assert sorted(p.name for p in save_path.glob("*.pth")) == ["train_epoch_1.pth"]
     assert file_digest(save_path / "train_epoch_1.pth") == good
+    hint = (f"the run stopped; {save_path / 'train_epoch_1.pth'} holds epoch 1 of 2; to continue from it, run: "
+            f"python {REPO_ROOT / 'tool' / 'train.py'} --config={cfg} TRAIN.base_lr 1e30 TRAIN.resume auto")
+    assert hint in out.stdout  # a crash after a checkpoint says how to go on (here after lowering base_lr)
 
     fresh = write_config(tmp_path / "fresh" / "cfg.yaml", tiny_toy, TRAIN={"base_lr": 1e30})
     out = run_tool("train.py", f"--config={fresh}")
     assert_one_line_error(out, "NaN/inf at iteration", "no checkpoint had been saved")
+    assert "to continue from it" not in out.stdout
     assert not list((tmp_path / "fresh" / "model").glob("*.pth"))
 
 

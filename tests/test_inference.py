@@ -1,4 +1,5 @@
 """Batched sliding-window inference equals a per-window float64 reference written like semseg's test.py."""
+import inspect
 
 import cv2
 import numpy as np
@@ -7,10 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from util.inference import (multi_scale_predict, resize_image, scaled_size, window_coverage, window_grid,
-                            window_offsets)
+from util.config import FIELDS
+from util.inference import (multi_scale_predict, resize_image, scaled_size, sliding_window_predict, window_coverage,
+                            window_grid, window_offsets)
 from util.palette import output_names
 from util.reference_inference import reference_predict
+from util.transform import MEAN, STD
 
 
 class TinySegNet(nn.Module):
@@ -52,6 +55,36 @@ def test_batched_equals_per_window_reference(h, w, scales, flip, base_size, seed
     assert ours.shape == ref.shape
     assert np.abs(ours - ref).max() < 1e-5
     assert np.array_equal(ours.argmax(2), ref.argmax(2))
+
+
+class WindowRecorder(nn.Module):
+    """Zero logits; notes the image column at the left edge of every window it is given (the test
+    image stores its column index in its red and green values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.columns = []
+
+    def forward(self, x):
+        pixel = x[:, :2, 0, 0].double() * torch.tensor(STD[:2]).double() + torch.tensor(MEAN[:2]).double()
+        self.columns += [int(round(red + 256 * green)) for red, green in pixel.tolist()]
+        return x.new_zeros(x.shape[0], 2, *x.shape[2:])
+
+
+def test_windows_step_by_ceil_of_two_thirds_of_the_crop_in_both_algorithms():
+    """semseg's stride is ceil(crop * 2/3): 316 for 473 (floor would give 315). On a 1104-px side
+    that is 3 windows at 0, 316 and 631; with 315 it would be 4 (0, 315, 630, 631)."""
+    assert FIELDS["stride_rate"].default == 2 / 3
+    for function in (sliding_window_predict, multi_scale_predict, reference_predict):
+        assert inspect.signature(function).parameters["stride_rate"].default == 2 / 3, function.__name__
+    assert window_offsets(473, 1104, 473, 473, 2 / 3) == ([0], [0, 316, 631])
+    column = np.arange(1104)
+    image = np.zeros((473, 1104, 3), np.float32)
+    image[..., 0], image[..., 1] = column % 256, column // 256
+    ours, reference = WindowRecorder(), WindowRecorder()
+    multi_scale_predict(ours, [image], (473, 1104), 2, 473, 473, flip=False)
+    reference_predict(reference.double(), image, 2, 473, 473, 1104, [1.0], flip=False)
+    assert sorted(ours.columns) == sorted(reference.columns) == [0, 316, 631]
 
 
 def test_window_grid_covers_and_aligns_last_window():

@@ -1,54 +1,128 @@
-"""tool/train.sh and tool/test.sh: the semseg-style experiment folder, train then test, and the full
-terminal output kept beside it with the real exit status (POSIX sh, no pipefail)."""
+"""tool/train.sh and tool/test.sh: the semseg-style experiment folder holding everything of one
+experiment (checkpoints, scores, terminal output), train then test, the real exit status (POSIX sh,
+no pipefail), and Ctrl-C: the message reaches terminal and log, and the same command resumes."""
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from conftest import CPU_ONLY, REPO_ROOT
+from util.config import load_config
+from util.experiment import RESUME_COMMAND_VARIABLE, result_folder, rerun_command, resume_command
 
 
-def tiny_overrides(toy: Path, result: Path) -> list[str]:
+def tiny_overrides(toy: Path) -> list[str]:
     """The shipped toy config, pointed at the tiny toy data and shrunk to seconds."""
     return ["DATA.data_root", str(toy), "DATA.train_list", str(toy / "train.txt"), "DATA.val_list",
             str(toy / "val.txt"), "TEST.test_list", str(toy / "val.txt"), "TRAIN.epochs", "1", "TRAIN.train_h", "33",
             "TRAIN.train_w", "33", "TRAIN.batch_size", "4", "TRAIN.workers", "0", "TEST.base_size", "64",
-            "TEST.test_h", "33", "TEST.test_w", "33", "TEST.scales", "[1.0]", "TEST.save_folder", str(result),
+            "TEST.test_h", "33", "TEST.test_w", "33", "TEST.scales", "[1.0]",
             "TEST.names_path", str(toy / "toy_names.txt"), "TEST.colors_path", str(toy / "toy_colors.txt")]
 
 
+def launcher_env(exp_root: Path, **extra: str) -> dict:
+    return {**os.environ, **CPU_ONLY, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "EXP_ROOT": str(exp_root),
+            **extra}
+
+
 def launch(script: str, exp_root: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, **CPU_ONLY, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "EXP_ROOT": str(exp_root)}
-    return subprocess.run(["sh", f"tool/{script}", "toy", "pspnet18", *args], cwd=REPO_ROOT, env=env,
+    return subprocess.run(["sh", f"tool/{script}", "toy", "pspnet18", *args], cwd=REPO_ROOT, env=launcher_env(exp_root),
                           capture_output=True, text=True, timeout=300)
 
 
-def test_train_sh_trains_then_tests_and_keeps_the_terminal_output(tiny_toy, tmp_path):
-    result = tmp_path / "result"
-    out = launch("train.sh", tmp_path / "exp", *tiny_overrides(tiny_toy, result))
+def scores_written_since(folder: Path, start: float) -> list[Path]:
+    return sorted(p for p in folder.rglob("metrics.json") if p.stat().st_mtime >= start)
+
+
+def test_train_sh_keeps_scores_and_terminal_output_in_the_experiment_folder(tiny_toy, tmp_path):
+    start = time.time() - 1
+    out = launch("train.sh", tmp_path / "exp", *tiny_overrides(tiny_toy))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     exp_dir = tmp_path / "exp" / "toy" / "pspnet18"
     assert {"train.sh", "train.py", "test.py", "toy_pspnet18.yaml"} <= {p.name for p in exp_dir.iterdir()}
-    assert (exp_dir / "model" / "train_epoch_1.pth").is_file()
+    checkpoint = exp_dir / "model" / "train_epoch_1.pth"
+    assert checkpoint.is_file()
     train_out, = exp_dir.glob("train-*.out")
     test_out, = exp_dir.glob("test-*.out")
     assert "training done" in train_out.read_text()
-    assert "mIoU" in test_out.read_text() and str(exp_dir / "model" / "train_epoch_1.pth") in test_out.read_text()
-    assert json.loads((result / "metrics.json").read_text())["images"] == 8
+    assert "mIoU" in test_out.read_text() and str(checkpoint) in test_out.read_text()
+    # the checkpoint of epoch 1, one scale on val: inside the experiment, and nowhere else
+    scores = exp_dir / "result" / "epoch_1" / "val" / "ss" / "metrics.json"
+    assert scores_written_since(tmp_path, start) == [scores]
+    assert json.loads(scores.read_text())["images"] == 8
+    fixed = REPO_ROOT / load_config(REPO_ROOT / "config/toy/toy_pspnet18.yaml").save_folder  # the config's own
+    assert not (fixed.is_dir() and scores_written_since(fixed, start))
 
-    out = launch("test.sh", tmp_path / "exp", *tiny_overrides(tiny_toy, tmp_path / "again"),
-                 "TEST.model_path", str(exp_dir / "model" / "train_epoch_1.pth"))
+    out = launch("test.sh", tmp_path / "exp", *tiny_overrides(tiny_toy), "TEST.scales", "[1.0, 1.25]")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert len(list(exp_dir.glob("test-*.out"))) == 2  # train.sh's and this one's
-    assert json.loads((tmp_path / "again" / "metrics.json").read_text()) == \
-        json.loads((result / "metrics.json").read_text())
+    multi_scale = exp_dir / "result" / "epoch_1" / "val" / "ms" / "metrics.json"
+    assert scores_written_since(tmp_path, start) == [multi_scale, scores]
+    assert json.loads(multi_scale.read_text())["scales"] == [1.0, 1.25]
 
 
 def test_train_sh_fails_with_the_training_status_and_keeps_the_reason(tiny_toy, tmp_path):
-    out = launch("train.sh", tmp_path / "exp", *tiny_overrides(tiny_toy, tmp_path / "result"), "TRAIN.base_lrr", "1")
+    out = launch("train.sh", tmp_path / "exp", *tiny_overrides(tiny_toy), "TRAIN.base_lrr", "1")
     assert out.returncode != 0
     exp_dir = tmp_path / "exp" / "toy" / "pspnet18"
     train_out, = exp_dir.glob("train-*.out")
     assert "did you mean base_lr" in train_out.read_text()
     assert not list(exp_dir.glob("test-*.out"))  # stopped after the failed training
+
+
+def test_ctrl_c_under_train_sh_says_how_to_continue_and_the_same_command_resumes(tiny_toy, tmp_path):
+    """SIGINT to the whole foreground process group, as a terminal's Ctrl-C sends it, once the first
+    epoch's checkpoint exists: `interrupted` and the command to continue reach the terminal and
+    train-<time>.out, no temporary file is left, and that command finishes the run and evaluates it."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    exp_dir = tmp_path / "exp" / "toy" / "pspnet18"
+    args = [*tiny_overrides(tiny_toy), "TRAIN.epochs", "2"]
+    run = subprocess.Popen(["sh", "tool/train.sh", "toy", "pspnet18", *args], cwd=REPO_ROOT, text=True,
+                           env=launcher_env(tmp_path / "exp", TMPDIR=str(scratch)), start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (exp_dir / "model" / "train_epoch_1.pth").exists() and run.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint after 120 s"
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGINT)
+    terminal, errors = run.communicate(timeout=120)
+    assert run.returncode == 130, terminal[-2000:] + errors[-2000:]
+    train_out, = exp_dir.glob("train-*.out")
+    last = terminal.strip().splitlines()[-1]
+    assert last == train_out.read_text().strip().splitlines()[-1]
+    assert last.startswith("interrupted; ") and "holds epoch" in last and "to continue from it, run: " in last
+    assert not list(scratch.glob("tmp.*"))  # no mktemp file left behind (torch keeps its own caches there)
+    assert not list(exp_dir.glob("test-*.out"))
+
+    command = last.split("to continue from it, run: ", 1)[1]
+    assert shlex.split(command)[:5] == [f"EXP_ROOT={tmp_path / 'exp'}", f"PYTHON={sys.executable}", "sh",
+                                        "tool/train.sh", "toy"]
+    resumed = subprocess.run(["sh", "-c", command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, **CPU_ONLY, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout and "previous-" not in resumed.stdout
+    assert json.loads((exp_dir / "result" / "epoch_2" / "val" / "ss" / "metrics.json").read_text())["images"] == 8
+
+
+def test_result_folders_are_named_after_the_checkpoint_split_and_scales():
+    assert result_folder("exp/a/b", "exp/a/b/model/train_epoch_12.pth", "val", [1.0]) == \
+        Path("exp/a/b/result/epoch_12/val/ss")
+    assert result_folder("x", "/elsewhere/best.pth", "test", [0.5, 1.0]) == Path("x/result/best/test/ms")
+
+
+def test_the_continue_command_replaces_any_other_resume_setting(monkeypatch):
+    argv = ["tool/train.py", "--config=c.yaml", "TRAIN.resume", "''", "TRAIN.epochs=3", "resume", "old.pth"]
+    assert resume_command(argv, {}, "single") == "python tool/train.py --config=c.yaml TRAIN.epochs 3 TRAIN.resume auto"
+    assert resume_command(argv, {"LOCAL_WORLD_SIZE": "4"}, "torchrun").startswith(
+        "torchrun --nproc_per_node=4 tool/train.py --config=c.yaml")
+    assert resume_command(argv, {RESUME_COMMAND_VARIABLE: "sh tool/train.sh a b"}, "single") == "sh tool/train.sh a b"
+    monkeypatch.setenv("EXP_ROOT", "/x y")
+    monkeypatch.delenv("NPROC", raising=False)
+    monkeypatch.delenv("PYTHON", raising=False)
+    assert rerun_command("tool/train.sh", "toy", "pspnet18", ["TRAIN.resume", "''", "TEST.scales", "[1.0, 2.0]"]) == \
+        "'EXP_ROOT=/x y' sh tool/train.sh toy pspnet18 TEST.scales '[1.0, 2.0]'"

@@ -76,6 +76,24 @@ def test_parity_with_reference_pspnet50_logits():
     assert np.abs(logits.numpy() - expected).max() < 1e-3
 
 
+def test_parity_with_reference_psanet50_logits():
+    """The reference PSANet (psa_type 2, not compact, shrink 2, 13x13 masks) on the same seeded
+    weights and input: catches what the key and shape check cannot, such as swapped collect and
+    distribute branches or a changed mask re-arrangement."""
+    seeded = _load_seeded_weights()
+    with torch.device("meta"):
+        model = PSANet(layers=50, classes=21, zoom_factor=8, psa_type=2, compact=False, shrink_factor=2,
+                       mask_h=13, mask_w=13, normalization_factor=1.0, psa_softmax=True)
+    model.to_empty(device="cpu")
+    model.load_state_dict(seeded.seeded_state_dict(seeded.read_shapes(KEYS / "psanet50_c21_t2.keys")), strict=True)
+    model.eval()
+    with torch.no_grad():
+        logits = model(seeded.seeded_input((1, 3, 97, 97)))
+    expected = np.load(FIXTURES / "parity" / "psanet50_c21_t2.out.npy")
+    assert logits.shape == expected.shape
+    assert np.abs(logits.numpy() - expected).max() < 1e-3
+
+
 def test_dilated_backbone_follows_semseg_in_every_block():
     model = PSPNet(layers=50, classes=2).layer3, PSPNet(layers=50, classes=2).layer4
     for layer, dilation in zip(model, (2, 4)):

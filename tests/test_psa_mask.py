@@ -48,6 +48,29 @@ def test_collect_places_window_centre_on_the_diagonal_and_distribute_is_its_tran
     assert torch.equal(psa_mask(y, "distribute", 5, 5).view(12, 12), psa_mask(y, "collect", 5, 5).view(12, 12).t())
 
 
+def test_collect_and_distribute_follow_the_formula_off_centre():
+    """Hand-computed from the formula (lib/psa/mask.py, semseg's op) on a 3x4 map with a 3x5 mask
+    (half 1, 2), so that swapping the two types, or the loop reference sharing a wrong mapping,
+    changes the answer:
+      x[4] at (1, 1): offset (i, j) = (0, 4) -> (-1, +2) lands on (0, 3), flat 3
+      x[10] at (0, 3): offset (2, 0) -> (+1, -2) lands on (1, 1), flat 5
+      x[0] at (0, 0) and x[13] at (2, 0) land outside the map and are dropped.
+    collect writes out[target, pixel], distribute out[pixel, target]."""
+    x = torch.zeros(1, 15, 3, 4)
+    x[0, 4, 1, 1], x[0, 10, 0, 3], x[0, 0, 0, 0], x[0, 13, 2, 0] = 7.0, 2.0, 9.0, 5.0
+    collect = torch.zeros(1, 12, 3, 4)
+    collect[0, 3, 1, 1] = 7.0  # out[(h+i-half_h)*W + (w+j-half_w), h, w] = x[i*mask_w + j, h, w]
+    collect[0, 5, 0, 3] = 2.0
+    distribute = torch.zeros(1, 12, 3, 4)
+    distribute[0, 5, 0, 3] = 7.0  # out[h*W + w, h+i-half_h, w+j-half_w] = x[i*mask_w + j, h, w]
+    distribute[0, 3, 1, 1] = 2.0
+    for implementation in (psa_mask, psa_mask_reference):
+        assert torch.equal(implementation(x, "collect", 3, 5), collect), implementation.__name__
+        assert torch.equal(implementation(x, 0, 3, 5), collect), implementation.__name__
+        assert torch.equal(implementation(x, "distribute", 3, 5), distribute), implementation.__name__
+        assert torch.equal(implementation(x, 1, 3, 5), distribute), implementation.__name__
+
+
 def test_integer_and_named_types_agree_and_dtype_is_kept():
     x = torch.randn(1, 15, 4, 3, dtype=torch.float64)
     out = psa_mask(x, 1, 3, 5)

@@ -2,6 +2,7 @@
 or time is spent on weights), carries the reference's headline settings, points at the list
 files tool/prepare_dataset.py writes and at names/colours files with one line per class."""
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,24 @@ from util.config import load_config
 from util.label_maps import CITYSCAPES_TRAIN_IDS
 
 CONFIG_DIR = REPO_ROOT / "config"
-LEAVES = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if not any(part.startswith("_") for part in p.parts))
-BASES = sorted(CONFIG_DIR.glob("_base_/*.yaml"))
+
+
+def shipped_files(folder: Path, pattern: str) -> list[Path]:
+    """Files under `folder` matching `pattern` that git tracks, so that a user's own half-written
+    config does not fail the suite; every match outside a git checkout (an unpacked release)."""
+    found = sorted(folder.rglob(pattern))
+    try:
+        listed = subprocess.run(["git", "-C", str(folder), "ls-files", "-z", "--", "."], capture_output=True,
+                                check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return found
+    tracked = {(folder / name).resolve() for name in listed.stdout.decode().split("\0") if name}
+    return [path for path in found if path.resolve() in tracked]
+
+
+SHIPPED = shipped_files(CONFIG_DIR, "*.yaml")
+LEAVES = [p for p in SHIPPED if not any(part.startswith("_") for part in p.relative_to(CONFIG_DIR).parts)]
+BASES = [p for p in SHIPPED if p.parent.name == "_base_"]
 
 # dataset -> (classes, base_size, epochs, PSPNet crop, PSANet crop)
 HEADLINE = {"ade20k": (150, 512, 100, 473, 465), "voc2012": (21, 512, 50, 473, 465),
@@ -28,6 +45,22 @@ REFERENCE_LEAVES = [CONFIG_DIR / ds / f"{ds}_{arch}{layers}.yaml"
 
 def relative(path: Path) -> str:
     return str(path.relative_to(REPO_ROOT))
+
+
+def test_only_configs_git_tracks_are_tested(tmp_path):
+    """A user's untracked, half-written YAML in config/ is not the repository's to test."""
+    repo = tmp_path / "repo"
+    (repo / "config" / "mine").mkdir(parents=True)
+    (repo / "config" / "mine" / "shipped.yaml").write_text("DATA:\n  classes: 2\n")
+    (repo / "config" / "mine" / "half_written.yaml").write_text("DATA:\n  classes: [\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "config/mine/shipped.yaml"], check=True)
+    assert shipped_files(repo / "config", "*.yaml") == [repo / "config" / "mine" / "shipped.yaml"]
+    unpacked = tmp_path / "unpacked" / "config"  # not a git checkout: every file
+    unpacked.mkdir(parents=True)
+    (unpacked / "a.yaml").write_text("DATA:\n  classes: 2\n")
+    assert shipped_files(unpacked, "*.yaml") == [unpacked / "a.yaml"]
 
 
 def test_the_twelve_reference_configs_and_the_custom_example_are_shipped():

@@ -58,6 +58,9 @@ def test_short_run_writes_checkpoint_events_log_and_config(tiny_toy, tmp_path):
         for name, text in zip(("mIoU", "mAcc", "allAcc"), logged.groups()):
             (step, value), = scalars[f"{name}_{tag}"]
             assert step == 1 and abs(value - float(text)) < 6e-5, (name, tag, value, text)
+    validation_line, = [line for line in logs[0].read_text().splitlines() if "validation mIoU" in line]
+    assert "(centre crop of train_h x train_w, one scale, no flip" in validation_line
+    assert "differs from tool/test.py's sliding-window, multi-scale, flipped score" in validation_line
     assert load_config(model_dir / "config.yaml").epochs == 1
     ckpt = torch.load(model_dir / "train_epoch_1.pth", map_location="cpu", weights_only=True)
     assert {"epoch", "state_dict", "optimizer", "scaler", "best_miou", "rng"} <= ckpt.keys()
@@ -194,7 +197,8 @@ def test_loader_and_sync_optimisations_do_not_change_results(tiny_toy, tmp_path)
 
 def test_fresh_run_moves_an_earlier_runs_checkpoints_aside(tiny_toy, tmp_path):
     """A new run must not prune its own checkpoint in favour of an older run's higher epochs, nor
-    leave those for `resume auto`: they go to save_path/previous-<time>/, nothing is deleted."""
+    leave those for `resume auto`: they go to save_path/previous-<time>/, nothing is deleted. The
+    earlier run's log and TensorBoard events go with them, so TensorBoard shows the runs apart."""
     (tmp_path / "train4.txt").write_text("".join((tiny_toy / "train.txt").read_text().splitlines(True)[:4]))
     cfg = write_config(tmp_path / "run" / "cfg.yaml", tiny_toy, DATA={"train_list": str(tmp_path / "train4.txt")},
                        TRAIN={"epochs": 3, "keep_checkpoints": 1})
@@ -205,7 +209,13 @@ def test_fresh_run_moves_an_earlier_runs_checkpoints_aside(tiny_toy, tmp_path):
     model_dir = tmp_path / "run" / "model"
     assert [p.name for p in model_dir.glob("train_epoch_*.pth")] == ["train_epoch_1.pth"]
     archived = list(model_dir.glob("previous-*/train_epoch_3.pth"))
-    assert len(archived) == 1 and "moved them to" in out.stdout + out.stderr
+    assert len(archived) == 1 and "with its logs and TensorBoard events, to" in out.stdout + out.stderr
+    earlier = archived[0].parent
+    assert len(list(earlier.glob("train-*.log"))) == 1 and "epoch 3/3" in next(earlier.glob("train-*.log")).read_text()
+    assert max(step for step, _ in event_scalars(earlier)["lr"]) == 3  # 1 step per epoch, 3 epochs
+    log, = model_dir.glob("train-*.log")  # this run's, still being written
+    assert "epoch 1/1" in log.read_text() and "epoch 3/3" not in log.read_text()
+    assert [step for step, _ in event_scalars(model_dir)["lr"]] == [1]
 
 
 def test_resume_may_switch_to_fp16_amp(tiny_toy, tmp_path):

@@ -3,12 +3,14 @@ import argparse
 import logging
 import os
 
+import cv2
+import numpy as np
 import pytest
 import torch
 
 from model.pspnet import PSPNet
 from model.resnet import resnet18, resnet50
-from model.weights import load_backbone_weights, load_model_weights, load_state_dict_file
+from model.weights import load_backbone_weights, load_checkpoint, load_model_weights, load_state_dict_file
 from util.errors import CheckpointError
 
 DEEP_STEM_PAIRS = [("conv1", "layer0.0"), ("bn1", "layer0.1"), ("conv2", "layer0.3"),
@@ -124,11 +126,83 @@ def test_trusted_legacy_pickle_loads_only_with_explicit_opt_in(tmp_path):
     _assert_same(load_state_dict_file(path, "TRAIN.weight", trust_pickle=True)["fc.bias"], state["fc.bias"])
 
 
-def test_unreadable_file_and_non_state_dict(tmp_path):
-    garbage = tmp_path / "garbage.pth"
-    garbage.write_bytes(b"definitely not a checkpoint")
-    with pytest.raises(CheckpointError, match=rf"TRAIN.weight: {garbage} is not a readable PyTorch weight file"):
-        load_state_dict_file(garbage, "TRAIN.weight")
+def _jpeg_bytes():
+    return cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
+
+
+NOT_CHECKPOINTS = {  # what a user may point TEST.model_path at by mistake -> how the message describes it
+    "text": (lambda: b"epoch 3\nmodel: train_epoch_3.pth\n", "it is a text file"),
+    "random bytes": (lambda: np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes(),
+                     "unrecognised binary content"),
+    "jpeg": (_jpeg_bytes, "it is a JPEG image"),
+    "empty": (lambda: b"", "it is empty"),
+}
+
+
+@pytest.mark.parametrize("case", NOT_CHECKPOINTS)
+def test_a_file_that_is_not_a_checkpoint_is_named_without_unsafe_advice(tmp_path, case):
+    content, described = NOT_CHECKPOINTS[case]
+    path = tmp_path / "model.pth"
+    path.write_bytes(content())
+    with pytest.raises(CheckpointError) as error:
+        load_model_weights(PSPNet(layers=18, classes=3), path, "TEST.model_path")
+    assert str(error.value) == (f"TEST.model_path: {path} is not a PyTorch checkpoint ({described}); expected a "
+                                f"file written by torch.save, such as train_epoch_<n>.pth")
+
+
+def test_a_folder_as_checkpoint_is_named_a_folder_with_its_newest_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match=rf"TEST.model_path: {tmp_path} is a folder; expected a checkpoint "
+                                              rf"file, e.g. {tmp_path}/train_epoch_<n>.pth"):
+        load_checkpoint(tmp_path, "TEST.model_path")
+    for epoch in (2, 10):
+        torch.save({"epoch": epoch}, tmp_path / f"train_epoch_{epoch}.pth")
+    newest = tmp_path / "train_epoch_10.pth"
+    with pytest.raises(CheckpointError, match=rf"is a folder; expected a checkpoint file, e.g. {newest}$"):
+        load_checkpoint(tmp_path, "TEST.model_path")
+
+
+def _saved_model(path):
+    source = PSPNet(layers=18, classes=3)
+    torch.save({"epoch": 1, "state_dict": _randomised(source.state_dict())}, path)
+    return path
+
+
+def test_bit_damage_inside_a_checkpoint_names_the_file(tmp_path):
+    """4 KB zeroed in the middle (tensor data, which torch.load reads without complaint) and a file
+    cut short: both are refused, naming the file."""
+    path = _saved_model(tmp_path / "train_epoch_1.pth")
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = bytes(4096)
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(data)
+    assert torch.load(damaged, weights_only=True)["epoch"] == 1  # what happened before the check
+    with pytest.raises(CheckpointError, match=rf"TRAIN.resume: {damaged} is damaged: its record \S+ does not match "
+                                              r"the checksum written when it was saved"):
+        load_checkpoint(damaged, "TRAIN.resume")
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(path.read_bytes()[:middle])
+    with pytest.raises(CheckpointError, match=rf"TEST.model_path: {cut} is damaged or truncated"):
+        load_checkpoint(cut, "TEST.model_path")
+
+
+def test_checkpoints_without_checksums_still_load(tmp_path):
+    """torch's pre-1.6 format (semseg's era) has no CRC-32s, nor has a zip saved with them switched off."""
+    source = PSPNet(layers=18, classes=3)
+    state = {"epoch": 2, "state_dict": _randomised(source.state_dict())}
+    legacy = tmp_path / "legacy.pth"
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    assert load_checkpoint(legacy, "TEST.model_path")["epoch"] == 2
+    if hasattr(torch.serialization, "set_crc32_options"):  # torch >= 2.5
+        torch.serialization.set_crc32_options(False)
+        try:
+            torch.save(state, tmp_path / "no_crc.pth")
+        finally:
+            torch.serialization.set_crc32_options(True)
+        assert load_checkpoint(tmp_path / "no_crc.pth", "TEST.model_path")["epoch"] == 2
+
+
+def test_a_checkpoint_without_a_state_dict_is_named(tmp_path):
     listing = tmp_path / "list.pth"
     torch.save({"epoch": 3, "best": 0.5}, listing)
     with pytest.raises(CheckpointError, match=r"holds no state dict .* found \['best', 'epoch'\]"):

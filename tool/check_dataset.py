@@ -126,6 +126,20 @@ def format_sizes(sizes: list[tuple[int, int]]) -> str:
     return f"image sizes (WxH) {min(widths)}x{min(heights)} .. {max(widths)}x{max(heights)}"
 
 
+def crop_warning(report: ListReport, cfg: Config) -> str | None:
+    """Training crops of a list where no image is as large as the crop: at scale 1 every crop holds
+    padding (image mean, label ignore) around a whole image, so the network sees mostly padding."""
+    if report.name != "train" or not report.sizes:
+        return None
+    if any(h >= cfg.train_h and w >= cfg.train_w for h, w in report.sizes):
+        return None
+    largest = max(report.sizes, key=lambda size: size[0] * size[1])
+    return (f"the training crop TRAIN.train_h x train_w {cfg.train_h}x{cfg.train_w} is larger than every image in "
+            f"{report.name} (the largest is {largest[1]}x{largest[0]}, WxH): at scale 1 each crop is the whole image "
+            f"plus padding, and only random scales near TRAIN.scale_max {cfg.scale_max} fill it; choose a crop "
+            f"(8k+1) no larger than the images")
+
+
 def format_problems(problems: dict[str, list[str]], max_listed: int) -> list[str]:
     lines = []
     for kind, messages in sorted(problems.items(), key=lambda item: -len(item[1])):
@@ -202,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{report.name}: {report.samples} samples, {report.samples - bad} readable, "
               f"{format_sizes(report.sizes)}; label pixels per class:")
         print("\n".join(format_histogram(report, names, cfg.ignore_label)))
+    for report in reports:
+        warning = crop_warning(report, cfg)
+        if warning:
+            print(f"\nwarning: {warning}")
     if "train" in image_sets and "val" in image_sets and image_sets["train"] & image_sets["val"]:
         print(f"\nwarning: {len(image_sets['train'] & image_sets['val'])} val images are also in the "
               "training list: validation scores will be optimistic")

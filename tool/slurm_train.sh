@@ -18,11 +18,7 @@ exp_dir=exp/${dataset}/${exp_name}
 mkdir -p "$exp_dir"
 cp tool/slurm_train.sh tool/train.py tool/test.py "$config" "$exp_dir"
 # TRAIN.workers is per node and split across its tasks; resume auto makes a requeued job continue.
-PYTHON=python
-last_checkpoint() {  # save_path/train_epoch_<epochs>.pth of the config with these overrides
-  $PYTHON -c 'import sys; sys.path.insert(0, "."); from util.config import load_config
-c = load_config(sys.argv[1], sys.argv[2:]); print(f"{c.save_path}/train_epoch_{c.epochs}.pth")' "$@"
-}
 srun python tool/train.py --config="$config" TRAIN.save_path "$exp_dir/model" TRAIN.resume auto "$@"
-srun --nodes=1 --ntasks=1 python tool/test.py --config="$config" \
-  TEST.model_path "$(last_checkpoint "$config" TRAIN.save_path "$exp_dir/model" "$@")" "$@"
+paths=$(python -m util.experiment paths "$config" "$exp_dir" "$@")   # checkpoint and result/epoch_<n>/<split>/<ss|ms>
+srun --nodes=1 --ntasks=1 python tool/test.py --config="$config" TRAIN.save_path "$exp_dir/model" \
+  TEST.model_path "$(echo "$paths" | sed -n 1p)" TEST.save_folder "$(echo "$paths" | sed -n 2p)" "$@"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,8 @@ from util.checkpoint import check_writable  # noqa: E402
 from util.cli import Progress, run_main, setup_logging  # noqa: E402
 from util.config import Config, add_config_arguments, describe_schema, load_config  # noqa: E402
 from util.dataset import SemSegDataset, dataset_from_config  # noqa: E402
-from util.distributed import barrier, cleanup_distributed, gather_to_main, init_distributed, shard_indices  # noqa: E402
+from util.distributed import (DistInfo, barrier, cleanup_distributed, default_workers, gather_to_main,  # noqa: E402
+                              init_distributed, local_world_size, shard_indices)
 from util.errors import ConfigError, DataError  # noqa: E402
 from util.image_io import read_label  # noqa: E402
 from util.inference import multi_scale_predict, resize_image  # noqa: E402
@@ -64,6 +66,14 @@ def selected_indices(cfg: Config, total: int) -> list[int]:
     if cfg.index_start >= total:
         raise ConfigError(f"TEST.index_start {cfg.index_start} is past the end of {cfg.test_list} ({total} samples)")
     return list(range(cfg.index_start, end))
+
+
+def make_loader(cfg: Config, info: DistInfo, images: ScaledImages) -> DataLoader:
+    """Images in list order, decoded and scaled by as many workers as training would use
+    (TRAIN.workers), never more than there are images."""
+    workers = min(default_workers(cfg.workers, local_world_size(os.environ)), len(images))
+    return DataLoader(images, batch_size=None, shuffle=False, num_workers=workers,
+                      prefetch_factor=2 if workers > 0 else None, pin_memory=info.device.type == "cuda")
 
 
 def parse_args() -> argparse.Namespace:
@@ -132,9 +142,7 @@ def predict_and_save(cfg, info, dataset, shard, indices, name_of, colors, matrix
     model = load_eval_model(cfg, info.device)
     torch.backends.cudnn.benchmark = True  # every window has the same size
     long_sizes = [round(s * cfg.base_size) for s in cfg.scales]
-    loader = DataLoader(ScaledImages(dataset, shard, long_sizes), batch_size=None, shuffle=False,
-                        num_workers=min(4, len(shard)), prefetch_factor=2 if shard else None,
-                        pin_memory=info.device.type == "cuda")
+    loader = make_loader(cfg, info, ScaledImages(dataset, shard, long_sizes))
     vis_first = set(indices[:cfg.vis_count])
     progress = Progress(len(shard))
     log_every = max(1, len(shard) // 20)

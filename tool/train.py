@@ -41,9 +41,10 @@ from util.cli import Progress, run_main, setup_logging  # noqa: E402
 from util.config import Config, add_config_arguments, describe_schema, load_config  # noqa: E402
 from util.dataset import dataset_from_config  # noqa: E402
 from util.distributed import (DistInfo, GlobalBatchSampler, broadcast_object, cleanup_distributed,  # noqa: E402
-                              detect_launch, init_distributed, local_world_size, shard_indices,
+                              default_workers, detect_launch, init_distributed, local_world_size, shard_indices,
                               visible_devices)
 from util.errors import ConfigError, UserError  # noqa: E402
+from util.experiment import resume_command  # noqa: E402
 from util.loss import count_valid, label_at_output_size, segmentation_loss  # noqa: E402
 from util.memory import children_peak_mib  # noqa: E402
 from util.metrics import ConfusionMatrix, format_scores_table  # noqa: E402
@@ -53,6 +54,8 @@ from util.precision import autocast  # noqa: E402
 from util.transform import build_train_transform, build_val_transform  # noqa: E402
 
 logger = logging.getLogger("train")
+VALIDATION_NOTE = (" (centre crop of train_h x train_w, one scale, no flip: a quick check that differs from "
+                   "tool/test.py's sliding-window, multi-scale, flipped score)")
 
 
 class TrainingDiverged(UserError):
@@ -64,13 +67,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     return parser.parse_args(argv)
-
-
-def default_workers(cfg: Config, local_world_size: int) -> int:
-    """TRAIN.workers is per node (semseg); -1 picks min(4, cores per process)."""
-    if cfg.workers >= 0:
-        return (cfg.workers + local_world_size - 1) // local_world_size
-    return min(4, max(1, (os.cpu_count() or 1) // local_world_size))
 
 
 def make_train_loader(cfg: Config, info: DistInfo, seed: int, workers: int) -> tuple[DataLoader, GlobalBatchSampler]:
@@ -174,7 +170,8 @@ def train_worker(cfg: Config, imagenet: Path | None) -> None:
     save_path = Path(cfg.save_path)
     if info.is_main:
         check_writable(save_path, "TRAIN.save_path")
-    setup_logging(save_path / f"train-{time.strftime('%Y%m%d_%H%M%S')}.log" if info.is_main else None, info.is_main)
+    log_file = save_path / f"train-{time.strftime('%Y%m%d_%H%M%S')}.log"
+    setup_logging(log_file if info.is_main else None, info.is_main)
     logger.info("training with %d process(es) on %s", info.world_size, info.device)
     if info.is_main:
         cfg.save(save_path / "config.yaml")
@@ -210,9 +207,10 @@ def train_worker(cfg: Config, imagenet: Path | None) -> None:
                            cfg.pretrained_backbone)
         if cfg.resume == "auto":
             logger.info("TRAIN.resume auto: no checkpoint in %s, starting from scratch", save_path)
-        archive = archive_previous_run(save_path) if info.is_main else None
+        archive = archive_previous_run(save_path, log_file) if info.is_main else None
         if archive is not None:
-            logger.warning("%s held checkpoints of an earlier run; moved them to %s", save_path, archive)
+            logger.warning("%s held checkpoints of an earlier run; moved them, with its logs and TensorBoard "
+                           "events, to %s", save_path, archive)
 
     model = net
     if info.distributed:
@@ -221,7 +219,7 @@ def train_worker(cfg: Config, imagenet: Path | None) -> None:
     if cfg.compile:
         model = torch.compile(model)
 
-    workers = default_workers(cfg, local_world_size(os.environ))
+    workers = default_workers(cfg.workers, local_world_size(os.environ))
     train_loader, sampler = make_train_loader(cfg, info, seed, workers)
     val_loader = make_val_loader(cfg, info, workers) if cfg.evaluate else None
     steps = sampler.steps_per_epoch
@@ -233,27 +231,28 @@ def train_worker(cfg: Config, imagenet: Path | None) -> None:
 
     progress = Progress(max_iter, start=start_epoch * steps)
     scores = None
-    for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
-        model.train()
-        epoch_start = time.perf_counter()
-        wait, train_scores = train_one_epoch(cfg, info, model, train_loader, optimizer, scaler, epoch, steps,
-                                             max_iter, progress, writer)
-        log_epoch_speed(epoch, steps * cfg.batch_size, time.perf_counter() - epoch_start, wait, info.device)
-        log_scores("training", "train", train_scores, epoch, cfg, writer)
-        is_best = False
-        if val_loader is not None:
-            scores = validate(net, val_loader, cfg, info)  # unwrapped: shards may differ in length
-            is_best = scores.miou > best_miou
-            best_miou = max(best_miou, scores.miou)
-            log_scores("validation", "val", scores, epoch, cfg, writer)
-        epoch_file = (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs
-        if info.is_main and (epoch_file or is_best):
-            for path in save_checkpoint(cfg, epoch + 1, (epoch + 1) * steps, net, optimizer, scaler, best_miou,
-                                        is_best, epoch_file):
-                logger.info("saved %s", path)
-        if info.distributed:
-            dist.barrier()  # no process starts the next epoch before the checkpoint is complete
+    with say_how_to_continue(cfg, info):  # once epochs run, an interrupt or a failure names the way on
+        for epoch in range(start_epoch, cfg.epochs):
+            sampler.set_epoch(epoch)
+            model.train()
+            epoch_start = time.perf_counter()
+            wait, train_scores = train_one_epoch(cfg, info, model, train_loader, optimizer, scaler, epoch, steps,
+                                                 max_iter, progress, writer)
+            log_epoch_speed(epoch, steps * cfg.batch_size, time.perf_counter() - epoch_start, wait, info.device)
+            log_scores("training", "train", train_scores, epoch, cfg, writer)
+            is_best = False
+            if val_loader is not None:
+                scores = validate(net, val_loader, cfg, info)  # unwrapped: shards may differ in length
+                is_best = scores.miou > best_miou
+                best_miou = max(best_miou, scores.miou)
+                log_scores("validation", "val", scores, epoch, cfg, writer)
+            epoch_file = (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs
+            if info.is_main and (epoch_file or is_best):
+                for path in save_checkpoint(cfg, epoch + 1, (epoch + 1) * steps, net, optimizer, scaler, best_miou,
+                                            is_best, epoch_file):
+                    logger.info("saved %s", path)
+            if info.distributed:
+                dist.barrier()  # no process starts the next epoch before the checkpoint is complete
     if scores is not None:
         names = read_names(cfg.names_path, cfg.classes) if cfg.names_path else None
         logger.info("final validation:\n%s", format_scores_table(scores, names))
@@ -297,8 +296,8 @@ def log_epoch_speed(epoch: int, images: int, seconds: float, data_wait: float, d
 
 def log_scores(what: str, tag: str, scores, epoch: int, cfg: Config, writer) -> None:
     """The epoch's mIoU / mAcc / allAcc in the log and as TensorBoard scalars <name>_<tag>."""
-    logger.info("epoch %d/%d %s mIoU %.4f mAcc %.4f allAcc %.4f", epoch + 1, cfg.epochs, what,
-                scores.miou, scores.macc, scores.allacc)
+    logger.info("epoch %d/%d %s mIoU %.4f mAcc %.4f allAcc %.4f%s", epoch + 1, cfg.epochs, what,
+                scores.miou, scores.macc, scores.allacc, VALIDATION_NOTE if tag == "val" else "")
     if writer is not None:
         for name, value in (("mIoU", scores.miou), ("mAcc", scores.macc), ("allAcc", scores.allacc)):
             writer.add_scalar(f"{name}_{tag}", value, epoch + 1)
@@ -390,6 +389,38 @@ def check_finite(first_bad: torch.Tensor, epoch: int, steps: int, info: DistInfo
             f"loss became NaN/inf at iteration {iteration} (epoch {epoch + 1}, step {step + 1}); stopped without "
             f"saving; {last}. Lower TRAIN.base_lr ({cfg.base_lr}) or check the data, then resume with "
             f"TRAIN.resume auto")
+
+
+@contextlib.contextmanager
+def say_how_to_continue(cfg: Config, info: DistInfo):
+    """When the epochs inside are interrupted, or fail after a checkpoint exists, name the newest
+    checkpoint and the command that continues from it: in the `interrupted` line, or in the log
+    before the error line. Rank 0 only."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        hint = continue_hint(cfg) if info.is_main else None
+        if hint is None:
+            raise
+        raise KeyboardInterrupt(hint) from None
+    except Exception:
+        hint = continue_hint(cfg) if info.is_main else None
+        if hint is not None:
+            logger.warning("the run stopped; %s", hint)
+        raise
+
+
+def continue_hint(cfg: Config) -> str | None:
+    """The newest checkpoint and the command that continues from it; None before the first one."""
+    try:
+        saved = epoch_checkpoints(cfg.save_path)
+    except OSError:  # say nothing rather than hide the error being reported
+        return None
+    if not saved:
+        return None
+    epoch, path = saved[-1]
+    command = resume_command(sys.argv, os.environ, detect_launch(os.environ).launcher)
+    return f"{path} holds epoch {epoch} of {cfg.epochs}; to continue from it, run: {command}"
 
 
 def spawn_worker(local_rank: int, cfg: Config, gpus: int, imagenet: Path | None) -> None:

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 EPOCH_FILE = re.compile(r"^train_epoch_(\d+)\.pth$")
 TEMPORARY_FILE = re.compile(r"^\..+\.tmp\d+$")  # atomic_save's name while writing
 BEST_FILE = "best.pth"
+RUN_RECORD = re.compile(r"^(train-.+\.log|events\.out\.tfevents\..+)$")  # a run's log and TensorBoard files
 SEMSEG_STATE_KEYS = ("epoch", "state_dict", "optimizer")  # what semseg's train.py saved
 TRAINING_STATE_KEYS = SEMSEG_STATE_KEYS + ("scaler", "best_miou", "rng")
 
@@ -86,14 +87,17 @@ def prune_checkpoints(save_path: str | Path, keep: int) -> None:
         path.unlink(missing_ok=True)
 
 
-def archive_previous_run(save_path: str | Path) -> Path | None:
-    """A fresh run (no resume) in a save_path that holds another run's checkpoints: move those into
-    save_path/previous-<time>/ so that nothing is lost, pruning cannot delete this run's files, and
-    `resume auto` never continues from the other run."""
+def archive_previous_run(save_path: str | Path, current_log: str | Path | None = None) -> Path | None:
+    """A fresh run (no resume) in a save_path that holds another run's checkpoints: move those, with
+    that run's logs and TensorBoard events, into save_path/previous-<time>/ so that nothing is lost,
+    pruning cannot delete this run's files, `resume auto` never continues from the other run and
+    TensorBoard does not draw the two runs as one. `current_log` (this run's log) stays."""
     folder = Path(save_path)
     old = [p for _, p in epoch_checkpoints(folder)] + [p for p in (folder / BEST_FILE,) if p.is_file()]
     if not old:
         return None
+    keep = Path(current_log).resolve() if current_log is not None else None
+    old += [p for p in folder.iterdir() if RUN_RECORD.match(p.name) and p.is_file() and p.resolve() != keep]
     archive = folder / time.strftime("previous-%Y%m%d_%H%M%S")
     archive.mkdir(exist_ok=True)
     for path in old:
@@ -116,7 +120,7 @@ def resolve_resume(resume: str, save_path: str | Path) -> Path | None:
         found = epoch_checkpoints(save_path)
         return found[-1][1] if found else None
     path = Path(resume)
-    if not path.is_file():
+    if not path.exists():  # a folder is named as such when loaded
         raise CheckpointError(f"TRAIN.resume: checkpoint {path} does not exist")
     return path
 

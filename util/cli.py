@@ -117,8 +117,8 @@ def run_main(main: Callable[[], int | None]) -> None:
             raise
         print(f"error: {reason}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # a script may say in it how to continue
+        print(f"interrupted; {interrupt}" if str(interrupt) else "interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(status or 0)
 

@@ -264,12 +264,13 @@ class Config:
         path.write_text(self.to_yaml())
 
 
-def _read_yaml_nodes(path: Path) -> tuple[dict[str, tuple[Any, int]], Any]:
+def _read_yaml_nodes(path: Path, asked_by: Path | None = None) -> tuple[dict[str, tuple[Any, int]], Any]:
     """Parse one file into {key: (value, line)} per section, plus its `_base_` entry."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
+        asker = f" (named by _base_ in {asked_by})" if asked_by is not None else ""
+        raise ConfigError(f"config file {path} does not exist{asker}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
@@ -316,7 +317,7 @@ def _collect(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[Path, dict[
     path = path.resolve()
     if path in chain:
         raise ConfigError(f"config inheritance loops: {' -> '.join(str(p) for p in chain + (path,))}")
-    entries, base = _read_yaml_nodes(path)
+    entries, base = _read_yaml_nodes(path, chain[-1] if chain else None)
     bases = [] if base is None else [base] if isinstance(base, str) else base
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
         raise ConfigError(f"{path}: _base_ must be a path or a list of paths, got {base!r}")
@@ -343,6 +344,18 @@ def split_overrides(tokens: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def _unquoted(raw: str) -> str:
+    """A string override as written, unless it is a quoted YAML scalar: "''" is the empty string."""
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            return raw
+        if isinstance(value, str):
+            return value
+    return raw
+
+
 def parse_override(key: str, raw: str) -> tuple[Field, Any]:
     """Resolve `SECTION.key` (or bare `key`) and parse its value as a YAML literal."""
     section, _, name = key.rpartition(".")
@@ -354,7 +367,7 @@ def parse_override(key: str, raw: str) -> tuple[Field, Any]:
     if section and section not in (field.section, field.section.upper()):
         raise ConfigError(f"override {key}: key {name} belongs in section {field.section}")
     if field.kind in ("str", "path") and raw not in ("null", "None", "~"):
-        return field, raw
+        return field, _unquoted(raw)
     if raw in ("None", "none"):  # semseg parsed Python literals
         return field, None
     try:
@@ -394,14 +407,22 @@ def _check(ok: bool, cfg: Config, key: str, expected: str) -> None:
         raise ConfigError(f"{field.section}.{key} is {getattr(cfg, key)!r} ({cfg.source(key)}); {expected}")
 
 
+def nearest_crop_sides(side: int) -> list[int]:
+    """The valid crop sides (8k+1, at least 9) next to `side`: [121, 129] for 128."""
+    below = (side - 1) // 8 * 8 + 1
+    return [s for s in (below, below + 8) if s >= 9] or [9]
+
+
 def validate_config(cfg: Config) -> None:
     """Rules that involve values rather than types; each error names the key and its source."""
     _check(cfg.classes >= 2, cfg, "classes", "need at least 2 classes")
     _check(0 <= cfg.ignore_label <= 255, cfg, "ignore_label", "expected a value in 0..255 (labels are 8-bit)")
     _check(cfg.ignore_label >= cfg.classes, cfg, "ignore_label", f"it must not be a class id 0..{cfg.classes - 1}")
     for key in ("train_h", "train_w", "test_h", "test_w"):
-        _check(getattr(cfg, key) > 8 and (getattr(cfg, key) - 1) % 8 == 0, cfg, key,
-               "crop sides must be 8k+1 (e.g. 465, 473, 713)")
+        side = getattr(cfg, key)
+        nearest = " or ".join(map(str, nearest_crop_sides(side)))
+        _check(side > 8 and (side - 1) % 8 == 0, cfg, key,
+               f"crop sides must be 8k+1 (e.g. 465, 473, 713); nearest: {nearest}")
     _check(0 < cfg.scale_min <= cfg.scale_max, cfg, "scale_min", f"expected 0 < scale_min <= scale_max ({cfg.scale_max})")
     _check(cfg.rotate_min <= cfg.rotate_max, cfg, "rotate_min", f"expected rotate_min <= rotate_max ({cfg.rotate_max})")
     _check(len(cfg.scales) > 0 and all(s > 0 for s in cfg.scales), cfg, "scales",

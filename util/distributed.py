@@ -155,6 +155,17 @@ def local_world_size(env: Mapping[str, str]) -> int:
     return 1
 
 
+def default_workers(workers: int, local_processes: int) -> int:
+    """Data-loader workers of one process (train.py and test.py alike): TRAIN.workers counts per
+    node, as in semseg, and is split across the node's processes; -1 picks min(4, cores per process).
+    Cores are those this process may run on, as PyTorch's DataLoader counts them before it warns
+    about too many workers."""
+    if workers >= 0:
+        return (workers + local_processes - 1) // local_processes
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, max(1, cores // local_processes))
+
+
 def _resolve_backend(cfg_backend: str) -> str:
     if cfg_backend not in BACKENDS:
         raise ConfigError(f"dist_backend: expected one of {', '.join(BACKENDS)}, got {cfg_backend!r}")
