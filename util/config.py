@@ -129,6 +129,7 @@ SCHEMA: tuple[Field, ...] = (
     _f("TEST", "index_start", "int", 0, "first list line to evaluate"),
     _f("TEST", "index_step", "int", 0, "number of list lines to evaluate; 0 = to the end"),
     _f("TEST", "model_path", "str", "", "checkpoint to evaluate"),
+    _f("TEST", "onnx_path", "str", "", "ONNX file (tool/export.py) to run in onnxruntime instead of model_path"),
     _f("TEST", "save_folder", "str", "exp/result", "where gray/, color/ and the scores go"),
     _f("TEST", "colors_path", "str", "", "class colours, one `R G B` per line"),
     _f("TEST", "names_path", "str", "", "class names, one per line"),
