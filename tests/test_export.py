@@ -126,7 +126,7 @@ def test_predictor_from_onnx_and_from_config_on_an_image(exported, tiny_toy):
 def test_onnx_files_that_do_not_fit_are_refused(exported, tmp_path):
     cfg = load_config(exported["cfg"])
     for key, value, fragment in (("onnx_path", str(exported["folder"] / "model.pth"), "is not a loadable ONNX"),
-                                 ("onnx_path", str(tmp_path / "none.onnx"), "ONNX file not found"),
+                                 ("onnx_path", str(tmp_path / "none.onnx"), "TEST.onnx_path: file not found"),
                                  ("test_h", 41, "takes 33x33 windows")):
         cfg.onnx_path = str(exported["onnx"])
         setattr(cfg, key, value)

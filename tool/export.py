@@ -48,6 +48,8 @@ def main() -> None:
     if not cfg.model_path:
         raise ConfigError("TEST.model_path is not set: export needs the checkpoint to export")
     output = Path(args.output)
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder; give the file to write, e.g. {output / 'model.onnx'}")
     check_writable(output.parent, "--output")
     names = read_names(cfg.names_path, cfg.classes) if cfg.names_path else [str(i) for i in range(cfg.classes)]
     colors = read_colors(cfg.colors_path, cfg.classes).tolist() if cfg.colors_path else None

@@ -6,7 +6,9 @@
 Writes save_folder/gray/<name>.png (class ids) and save_folder/color/<name>.png, side-by-side
 image | prediction | truth PNGs for the first TEST.vis_count images in save_folder/vis, and for
 splits with labels the per-class table and save_folder/metrics.json. TEST.has_prediction re-scores
-the PNGs already in save_folder/gray without a model. CUDA when available, else CPU.
+the PNGs already in save_folder/gray without a model. TEST.onnx_path runs a file exported by
+tool/export.py in onnxruntime instead of the checkpoint, through the same pipeline
+(util.predictor.Predictor). CUDA when available, else CPU.
 """
 from __future__ import annotations
 

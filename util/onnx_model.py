@@ -13,6 +13,7 @@ onnx, onnxscript and onnxruntime are imported only when used, so checkpoints wor
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import warnings
@@ -42,6 +43,8 @@ def export_metadata(cfg: Any, names: list[str], colors: list[list[int]] | None, 
 
 def export_onnx(model: torch.nn.Module, path: str | Path, sample: torch.Tensor, metadata: dict[str, Any]) -> None:
     """Write the eval-mode `model` as ONNX for inputs shaped like `sample` with any batch size."""
+    if importlib.util.find_spec("onnxscript") is None:  # torch.onnx's dynamo exporter needs it (and onnx)
+        raise UserError("ONNX export needs the onnx and onnxscript packages: pip install -r requirements.txt")
     for name in ("torch.onnx", "onnxscript", "onnx_ir"):  # their INFO lines describe graph rewrites, not progress
         logging.getLogger(name).setLevel(logging.ERROR)
     batch = torch.export.Dim("batch", min=1)
@@ -64,7 +67,7 @@ class OnnxNetwork:
                             f"pip install -r requirements.txt") from None
         self.path = Path(path)
         if not self.path.is_file():
-            raise CheckpointError(f"{config_key}: ONNX file not found: {self.path}")
+            raise CheckpointError(f"{config_key}: file not found: {self.path}")
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.log_severity_level = 3  # errors only

@@ -63,7 +63,7 @@ class Predictor:
     @classmethod
     def from_onnx(cls, path: str | Path, **settings: Any) -> "Predictor":
         """An exported file with the test settings recorded in it; keyword arguments override them."""
-        network = OnnxNetwork(path, config_key="ONNX file")
+        network = OnnxNetwork(path, config_key="Predictor.from_onnx")
         recorded = {key: network.metadata[key] for key in ("base_size", "scales", "flip", "stride_rate")
                     if key in network.metadata}
         return cls(network, network.classes, network.window, **{"base_size": max(network.window), **recorded,
