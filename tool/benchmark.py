@@ -38,9 +38,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lib.psa import psa_mask, psa_mask_reference  # noqa: E402
+from model import build_model  # noqa: E402
 from model.psanet import PSANet, default_psa_mask_size  # noqa: E402
 from model.pspnet import PSPNet  # noqa: E402
-from model import build_model  # noqa: E402
 from util.config import load_config  # noqa: E402
 from util.inference import multi_scale_predict, resize_image, window_batch_size, window_grid  # noqa: E402
 from util.onnx_model import OnnxNetwork, export_metadata, export_onnx, max_abs_difference  # noqa: E402
@@ -278,7 +278,8 @@ def print_tables(result: dict) -> None:
         o = result["onnx"]
         print("\n| model | window | PyTorch fp32 (s/window) | onnxruntime (s/window) | speed-up | max abs diff |"
               f"\n|---|---|---|---|---|---|\n| {o['model']} {o['classes']} cl. | {o['crop']} (batches of {o['batch']}) "
-              f"| {o['pytorch_s']:.3f} | {o['onnxruntime_s']:.3f} | {o['speedup']:.2f}x | {o['max_abs_difference']:.1e} |")
+              f"| {o['pytorch_s']:.3f} | {o['onnxruntime_s']:.3f} | {o['speedup']:.2f}x "
+              f"| {o['max_abs_difference']:.1e} |")
 
 
 def main() -> None:
@@ -298,7 +299,8 @@ def main() -> None:
     parser.add_argument("--eval-scales", default="0.5,0.75,1.0,1.25,1.5,1.75", help="scales for the memory section")
     parser.add_argument("--psa-size", type=int, default=233, help="PSANet-50 input side for (c)")
     parser.add_argument("--only", default="train,eval,psa",
-                        help="comma list of sections: train, eval, memory, psa, onnx (onnx and memory use the --eval-* sizes)")
+                        help="comma list of sections: train, eval, memory, psa, onnx "
+                             "(memory and onnx use the --eval-* sizes)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (best kept)")
     parser.add_argument("--json", default="exp/benchmark.json", help="where to write the JSON")
     if parser.parse_known_args()[0].quick:  # smaller defaults; options given explicitly still win

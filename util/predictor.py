@@ -13,7 +13,6 @@ writes them); keyword arguments override the settings.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,8 +25,6 @@ from util.errors import ConfigError
 from util.image_io import read_image_rgb
 from util.inference import multi_scale_predict, resize_image
 from util.onnx_model import OnnxNetwork
-
-logger = logging.getLogger(__name__)
 
 
 class Predictor:
@@ -45,7 +42,8 @@ class Predictor:
     @classmethod
     def from_config(cls, config: Config | str | Path, overrides: list[str] | None = None,
                     device: torch.device | str | None = None) -> "Predictor":
-        """The network of TEST.onnx_path when set, else of the checkpoint TEST.model_path, with the TEST settings."""
+        """The network of TEST.onnx_path when set, else of the checkpoint TEST.model_path, with the TEST
+        settings of `config`: a loaded Config, or a YAML path read with `overrides` (`SECTION.key value` ...)."""
         cfg = config if isinstance(config, Config) else load_config(config, overrides)
         settings = dict(base_size=cfg.base_size, scales=cfg.scales, flip=cfg.flip, stride_rate=cfg.stride_rate,
                         batch_size=cfg.test_batch_size)
