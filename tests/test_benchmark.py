@@ -23,3 +23,12 @@ def test_memory_section_reports_peak_growth(tmp_path):
     memory = json.loads((tmp_path / "m.json").read_text())["memory"]
     assert memory["scales"] == [0.5, 1.0] and memory["host_rss_growth_mib"] >= 0
     assert "host RSS +" in out.stdout
+
+
+def test_onnx_section_compares_onnxruntime_with_pytorch(tmp_path):
+    out = run_tool("benchmark.py", "--only", "onnx", "--eval-crop", "33", "--repeats", "1",
+                   "--json", str(tmp_path / "o.json"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    onnx = json.loads((tmp_path / "o.json").read_text())["onnx"]
+    assert onnx["pytorch_s"] > 0 and onnx["onnxruntime_s"] > 0 and onnx["max_abs_difference"] < 1e-4
+    assert onnx["speedup"] == onnx["pytorch_s"] / onnx["onnxruntime_s"] and "| onnxruntime (s/window) |" in out.stdout

@@ -13,6 +13,8 @@
     network time (the same window batches through the model alone).
 (c) PSA op: psa_mask against its loop definition, and its share of a PSANet forward.
 (d) memory (--only memory): peak memory of one multi-scale evaluation of one image.
+(e) ONNX (--only onnx): the network exported by tool/export.py's code, per-window time in
+    onnxruntime (CPU) against PyTorch fp32 on the CPU, in test.py's CPU batches of 2 windows.
 The device is CUDA when available, else the CPU.
 """
 from __future__ import annotations
@@ -36,10 +38,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lib.psa import psa_mask, psa_mask_reference  # noqa: E402
+from model import build_model  # noqa: E402
 from model.psanet import PSANet, default_psa_mask_size  # noqa: E402
 from model.pspnet import PSPNet  # noqa: E402
 from util.config import load_config  # noqa: E402
-from util.inference import multi_scale_predict, resize_image, window_grid  # noqa: E402
+from util.inference import multi_scale_predict, resize_image, window_batch_size, window_grid  # noqa: E402
+from util.onnx_model import OnnxNetwork, export_metadata, export_onnx, max_abs_difference  # noqa: E402
 from util.reference_inference import reference_predict  # noqa: E402
 
 SPEED_LINE = re.compile(r"epoch 2 speed: ([\d.]+) images/s, data wait ([\d.]+)% of iteration time, "
@@ -205,6 +209,38 @@ def bench_psa(size: int, loop_side: int, device: torch.device, repeats: int) -> 
             "psa_mask_ms": masks * 1e3, "share_pct": 100 * masks / forward}
 
 
+def bench_onnx(layers: int, classes: int, crop: int, repeats: int) -> dict:
+    """Seconds per window of a PSPNet in PyTorch fp32 and exported to onnxruntime, both on the CPU."""
+    cfg = load_config(REPO / "config" / "toy" / "toy_pspnet18.yaml",
+                      ["TRAIN.layers", str(layers), "DATA.classes", str(classes), "TEST.test_h", str(crop),
+                       "TEST.test_w", str(crop)])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    windows = window_batch_size(0, "cpu")
+    batch = torch.randn(windows, 3, crop, crop)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        start = time.perf_counter()
+        export_onnx(model, path, batch, export_metadata(cfg, [str(i) for i in range(classes)], None, "benchmark"))
+        export_s = time.perf_counter() - start
+        network = OnnxNetwork(path, "benchmark")
+        runs = {"pytorch": model, "onnxruntime": network}
+        seconds = {name: [] for name in runs}
+        with torch.inference_mode():
+            for run in runs.values():  # warm-up
+                run(batch)
+            for _ in range(repeats):  # interleaved, so load from other users of a shared machine hits both alike
+                for name, run in runs.items():
+                    start = time.perf_counter()
+                    run(batch)
+                    seconds[name].append(time.perf_counter() - start)
+        difference = max_abs_difference(model, network, batch)
+    pytorch_s, onnx_s = (min(seconds[name]) / windows for name in runs)
+    return {"model": f"PSPNet-{layers}", "classes": classes, "crop": crop, "batch": windows, "export_s": export_s,
+            "pytorch_s": pytorch_s, "onnxruntime_s": onnx_s, "speedup": pytorch_s / onnx_s,
+            "max_abs_difference": difference}
+
+
 def print_tables(result: dict) -> None:
     print(f"\ndevice: {result['device']}, torch {result['torch']}, threads {result['threads']}")
     if result.get("training"):
@@ -238,6 +274,12 @@ def print_tables(result: dict) -> None:
               f"{p['loop']['collect']['loop_ms']:.1f} | {p['loop']['distribute']['loop_ms']:.1f} |")
         print(f"\nPSANet-50 forward at {p['psanet50_input']}x{p['psanet50_input']} (mask {p['mask']}): "
               f"{p['forward_ms']:.1f} ms, psa_mask x2 {p['psa_mask_ms']:.2f} ms = {p['share_pct']:.2f}%")
+    if result.get("onnx"):
+        o = result["onnx"]
+        print("\n| model | window | PyTorch fp32 (s/window) | onnxruntime (s/window) | speed-up | max abs diff |"
+              f"\n|---|---|---|---|---|---|\n| {o['model']} {o['classes']} cl. | {o['crop']} (batches of {o['batch']}) "
+              f"| {o['pytorch_s']:.3f} | {o['onnxruntime_s']:.3f} | {o['speedup']:.2f}x "
+              f"| {o['max_abs_difference']:.1e} |")
 
 
 def main() -> None:
@@ -256,7 +298,9 @@ def main() -> None:
     parser.add_argument("--eval-amp", default="off,bf16", help="TEST.test_amp modes timed for (b), comma list")
     parser.add_argument("--eval-scales", default="0.5,0.75,1.0,1.25,1.5,1.75", help="scales for the memory section")
     parser.add_argument("--psa-size", type=int, default=233, help="PSANet-50 input side for (c)")
-    parser.add_argument("--only", default="train,eval,psa", help="comma list of sections: train, eval, memory, psa")
+    parser.add_argument("--only", default="train,eval,psa",
+                        help="comma list of sections: train, eval, memory, psa, onnx "
+                             "(memory and onnx use the --eval-* sizes)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (best kept)")
     parser.add_argument("--json", default="exp/benchmark.json", help="where to write the JSON")
     if parser.parse_known_args()[0].quick:  # smaller defaults; options given explicitly still win
@@ -284,6 +328,9 @@ def main() -> None:
     if "psa" in sections:
         print("PSA op ...", flush=True)
         result["psa"] = bench_psa(args.psa_size, 6 if args.quick else 10, device, args.repeats)
+    if "onnx" in sections:
+        print("ONNX export and onnxruntime ...", flush=True)
+        result["onnx"] = bench_onnx(args.eval_layers, args.eval_classes, args.eval_crop, args.repeats)
     print_tables(result)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))

@@ -3,9 +3,10 @@
   python tool/demo.py --config=config/toy/toy_pspnet18.yaml --image=dataset/toy/images/val/toy_val_00000.jpg
   python tool/demo.py --config=config/ade20k/ade20k_pspnet50.yaml --image=photos/ TEST.scales '[1.0]'
 
-Uses TEST.model_path, TEST.scales, TEST.base_size, the window TEST.test_h x test_w and
-TEST.colors_path; writes <output>/<name>_gray.png, _color.png and _overlay.png (default output:
-TEST.save_folder/demo) and prints each path. CUDA when available, else CPU.
+Uses TEST.model_path (or the ONNX file TEST.onnx_path), TEST.scales, TEST.base_size, the window
+TEST.test_h x test_w and TEST.colors_path; writes <output>/<name>_gray.png, _color.png and
+_overlay.png (default output: TEST.save_folder/demo) and prints each path. Segmentation goes
+through util.predictor.Predictor. CUDA when available (ONNX files run on the CPU), else CPU.
 """
 from __future__ import annotations
 
@@ -17,16 +18,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
-from model import load_eval_model  # noqa: E402
 from util.checkpoint import check_writable  # noqa: E402
 from util.cli import Progress, run_main, setup_logging  # noqa: E402
 from util.config import add_config_arguments, load_config  # noqa: E402
 from util.errors import ConfigError, DataError  # noqa: E402
 from util.image_io import read_image_rgb  # noqa: E402
-from util.inference import multi_scale_predict, resize_image  # noqa: E402
 from util.palette import colorize, read_colors, write_png  # noqa: E402
+from util.predictor import Predictor  # noqa: E402
 
 logger = logging.getLogger("demo")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -53,8 +52,6 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     cfg = load_config(args.config, args.opts)
-    if not cfg.model_path:
-        raise ConfigError("TEST.model_path is not set: the demo needs a trained checkpoint")
     if not cfg.colors_path:
         raise ConfigError("TEST.colors_path is not set: the demo needs class colours for its PNGs")
     colors = read_colors(cfg.colors_path, cfg.classes)
@@ -62,16 +59,11 @@ def main() -> None:
     output = Path(args.output or Path(cfg.save_folder) / "demo")
     check_writable(output, "--output")
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_eval_model(cfg, device)
-    long_sizes = [round(s * cfg.base_size) for s in cfg.scales]
+    predictor = Predictor.from_config(cfg)
     progress = Progress(len(images))
     for done, path in enumerate(images, start=1):
         image = read_image_rgb(str(path))
-        probs = multi_scale_predict(model, [resize_image(image, s) for s in long_sizes], image.shape[:2], cfg.classes,
-                                    cfg.test_h, cfg.test_w, cfg.stride_rate, cfg.flip, cfg.test_batch_size, device,
-                                    channels_last=cfg.channels_last, amp=cfg.test_amp)
-        pred = probs.argmax(0).to(torch.uint8).cpu().numpy()
+        pred = predictor.predict(image)
         color = colorize(pred, colors)
         overlay = (image * (1 - args.alpha) + color * args.alpha).clip(0, 255).astype(np.uint8)
         for suffix, array in (("gray", pred), ("color", color), ("overlay", overlay)):

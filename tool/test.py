@@ -9,7 +9,8 @@ util/report.py (per_image.csv, confusion.png, report.html, and vis/ panels image
 truth | errors of the TEST.report_worst worst images); without labels, vis/ panels of the first
 TEST.vis_count images. TEST.submission_format also writes save_folder/submission/ for a benchmark
 server. TEST.has_prediction re-scores the PNGs already in save_folder/gray without a model.
-CUDA when available, else CPU.
+TEST.onnx_path runs a file exported by tool/export.py in onnxruntime instead of the checkpoint,
+through the same pipeline (util.predictor.Predictor). CUDA when available, else CPU.
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from model import load_eval_model  # noqa: E402
 from util.checkpoint import check_writable  # noqa: E402
 from util.cli import Progress, run_main, setup_logging  # noqa: E402
 from util.config import Config, add_config_arguments, describe_schema, load_config  # noqa: E402
@@ -36,11 +36,12 @@ from util.distributed import (DistInfo, barrier, cleanup_distributed, default_wo
                               init_distributed, local_world_size, shard_indices)
 from util.errors import ConfigError, DataError  # noqa: E402
 from util.image_io import read_label  # noqa: E402
-from util.inference import multi_scale_predict, resize_image  # noqa: E402
+from util.inference import resize_image  # noqa: E402
 from util.metrics import ConfusionMatrix, format_scores_table  # noqa: E402
 from util.palette import colorize, output_names, read_colors, read_names, side_by_side, write_png  # noqa: E402
 from util.report import image_score, write_evaluation_report  # noqa: E402
 from util.submission import check_submission_format, write_submission  # noqa: E402
+from util.predictor import Predictor  # noqa: E402
 
 logger = logging.getLogger("test")
 
@@ -120,8 +121,8 @@ def main() -> None:
         if info.is_main:
             logger.info("results on %d images:\n%s", len(indices), format_scores_table(scores, names))
             conf = matrix.mat.cpu().numpy()
-            result = {"config": str(args.config), "model_path": cfg.model_path, "images": len(indices),
-                      "scales": cfg.scales, "flip": cfg.flip, **scores.as_dict(names),
+            result = {"config": str(args.config), "model_path": cfg.model_path, "onnx_path": cfg.onnx_path,
+                      "images": len(indices), "scales": cfg.scales, "flip": cfg.flip, **scores.as_dict(names),
                       "confusion": {"rows": "ground truth", "columns": "prediction", "counts": conf.tolist()}}
             (save / "metrics.json").write_text(json.dumps(result, indent=2))
             logger.info("scores written to %s", save / "metrics.json")
@@ -135,22 +136,19 @@ def main() -> None:
 
 
 def predict_and_save(cfg, info, dataset, shard, indices, name_of, colors, matrix) -> list:
-    """Run the model on this process's shard, write PNGs and accumulate the confusion matrix;
-    returns the shard's per-image scores (util.report.ImageScore; none without labels)."""
-    if not cfg.model_path:
-        raise ConfigError("TEST.model_path is not set: evaluation needs a checkpoint (or TEST.has_prediction True)")
-    model = load_eval_model(cfg, info.device)
+    """Run the network (TEST.onnx_path, else the checkpoint TEST.model_path) on this process's shard,
+    write PNGs and accumulate the confusion matrix; returns the shard's per-image scores
+    (util.report.ImageScore; none without labels)."""
+    predictor = Predictor.from_config(cfg, device=info.device)
+    logger.info("network: %s", f"{cfg.onnx_path} in onnxruntime" if cfg.onnx_path else cfg.model_path)
     torch.backends.cudnn.benchmark = True  # every window has the same size
-    long_sizes = [round(s * cfg.base_size) for s in cfg.scales]
-    loader = make_loader(cfg, info, ScaledImages(dataset, shard, long_sizes))
+    loader = make_loader(cfg, info, ScaledImages(dataset, shard, predictor.long_sizes))
     vis_first = set(indices[:cfg.vis_count])
     progress = Progress(len(shard))
     log_every = max(1, len(shard) // 20)
     per_image = []
     for done, (index, image, label, scaled) in enumerate(loader, start=1):
-        probs = multi_scale_predict(model, scaled, tuple(image.shape[:2]), cfg.classes,
-                                    cfg.test_h, cfg.test_w, cfg.stride_rate, cfg.flip, cfg.test_batch_size,
-                                    info.device, channels_last=cfg.channels_last, amp=cfg.test_amp)
+        probs = predictor.scaled_probabilities(scaled, tuple(image.shape[:2]))
         pred = probs.argmax(0)
         name = name_of[index]
         if label is not None:

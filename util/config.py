@@ -132,6 +132,7 @@ SCHEMA: tuple[Field, ...] = (
     _f("TEST", "index_start", "int", 0, "first list line to evaluate"),
     _f("TEST", "index_step", "int", 0, "number of list lines to evaluate; 0 = to the end"),
     _f("TEST", "model_path", "path", "", "checkpoint to evaluate"),
+    _f("TEST", "onnx_path", "path", "", "ONNX file (tool/export.py) to run in onnxruntime instead of model_path"),
     _f("TEST", "save_folder", "path", "exp/result", "where gray/, color/ and the scores go"),
     _f("TEST", "colors_path", "path", "", "class colours, one `R G B` per line"),
     _f("TEST", "names_path", "path", "", "class names, one per line"),

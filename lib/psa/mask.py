@@ -78,7 +78,10 @@ def psa_mask(x: torch.Tensor, psa_type: PsaType, mask_h: int, mask_w: int) -> to
     code = _type_code(psa_type)
     _check_geometry(x, mask_h, mask_w)
     n, _, height, width = x.shape
-    index = _gather_index(height, width, mask_h, mask_w, code, x.device)
+    # torch.export traces with fake tensors: a cached index built then would be fake in later eager calls.
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)()  # torch < 2.5 has no is_exporting
+    build = _build_gather_index if exporting else _gather_index
+    index = build(height, width, mask_h, mask_w, code, x.device)
     padded = torch.cat([x.reshape(n, -1), x.new_zeros(n, 1)], dim=1)
     out = padded.index_select(1, index)
     return out.view(n, height * width, height, width)

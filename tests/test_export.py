@@ -1,0 +1,153 @@
+"""ONNX deployment: tool/export.py writes a standard ONNX file whose onnxruntime logits equal
+PyTorch's, and tool/test.py, tool/demo.py and the Predictor run it like the checkpoint."""
+import json
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import assert_one_line_error, run_tool, write_config
+from model import build_model
+from util.config import load_config
+from util.errors import CheckpointError, ConfigError
+from util.onnx_model import OnnxNetwork, export_metadata, export_onnx, max_abs_difference
+from util.predictor import Predictor
+
+SCALES = [0.75, 1.0]
+
+
+def random_model(cfg, seed):
+    """An eval-mode network with random weights and random BatchNorm statistics (so they matter)."""
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_toy, tmp_path_factory):
+    """A random PSPNet-18 checkpoint, its config and its export by tool/export.py (33x33 windows)."""
+    folder = tmp_path_factory.mktemp("export")
+    cfg_path = write_config(folder / "cfg.yaml", tiny_toy, TEST={"model_path": str(folder / "model.pth"),
+                                                               "scales": SCALES, "vis_count": 0})
+    cfg = load_config(cfg_path)
+    model = random_model(cfg, 0)
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
+               folder / "model.pth")
+    out = run_tool("export.py", f"--config={cfg_path}", "--output", str(folder / "model.onnx"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {"folder": folder, "cfg": cfg_path, "model": model, "onnx": folder / "model.onnx", "log": out.stdout}
+
+
+def test_export_writes_standard_onnx_with_metadata_and_checks_it(exported, tiny_toy):
+    proto = onnx.load(str(exported["onnx"]))
+    onnx.checker.check_model(proto)
+    assert [(o.domain, o.version) for o in proto.opset_import] == [("", 18)]
+    assert {node.domain for node in proto.graph.node} == {""} and not proto.functions  # no custom ops
+    (image,), (logits,) = proto.graph.input, proto.graph.output
+    dims = [d.dim_param or d.dim_value for d in image.type.tensor_type.shape.dim]
+    assert image.name == "image" and dims == ["batch", 3, 33, 33] and logits.name == "logits"
+    metadata = {p.key: json.loads(p.value) for p in proto.metadata_props}
+    assert metadata["classes"] == 6 and metadata["window"] == [33, 33] and metadata["scales"] == SCALES
+    assert metadata["class_names"] == (tiny_toy / "toy_names.txt").read_text().split()
+    assert len(metadata["class_colors"]) == 6 and len(metadata["mean"]) == len(metadata["std"]) == 3
+    assert "max abs logit difference" in exported["log"] and not list(exported["folder"].glob(".*tmp*"))
+    network = OnnxNetwork(exported["onnx"])
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 33, 33, generator=torch.Generator().manual_seed(batch))
+        assert max_abs_difference(exported["model"], network, x) <= 1e-4
+
+
+PSA_VARIANTS = [(0, False, 2), (0, True, 1), (1, False, 1), (1, True, 2), (2, False, 2), (2, True, 2)]
+
+
+@pytest.mark.parametrize("psa_type, compact, shrink_factor", PSA_VARIANTS)
+def test_psanet_exports_and_onnxruntime_equals_pytorch(tiny_toy, tmp_path, psa_type, compact, shrink_factor):
+    """Every PSA branch type, compact or not, with and without shrinking; also checks that exporting
+    leaves psa_mask's index cache usable by eager calls (PyTorch runs after the export here)."""
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", tiny_toy, TRAIN={
+        "arch": "psa", "psa_type": psa_type, "compact": compact, "shrink_factor": shrink_factor}))
+    model = random_model(cfg, psa_type)
+    path = tmp_path / "psanet.onnx"
+    export_onnx(model, path, torch.randn(2, 3, 33, 33), export_metadata(cfg, list("abcdef"), None, "test"))
+    network = OnnxNetwork(path)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 33, 33, generator=torch.Generator().manual_seed(batch))
+        assert max_abs_difference(model, network, x) <= 1e-4
+    assert max_abs_difference(random_model(cfg, 99), network, x) > 1e-3  # the check can fail
+
+
+def gray(folder, name):
+    return cv2.imread(str(folder / "gray" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+
+
+def test_test_py_and_demo_with_the_onnx_file_equal_the_checkpoint(exported, tiny_toy):
+    folder, cfg = exported["folder"], exported["cfg"]
+    results = {}
+    for kind, extra in (("pth", []), ("onnx", ["TEST.onnx_path", str(exported["onnx"])])):
+        out = run_tool("test.py", f"--config={cfg}", "TEST.save_folder", str(folder / kind), *extra)
+        assert out.returncode == 0, out.stderr[-3000:]
+        results[kind] = json.loads((folder / kind / "metrics.json").read_text())
+    assert "in onnxruntime" in out.stdout and results["onnx"]["onnx_path"] == str(exported["onnx"])
+    assert round(results["onnx"]["mIoU"], 3) == round(results["pth"]["mIoU"], 3)
+    names = [p.stem for p in (folder / "pth" / "gray").glob("*.png")]
+    same = sum(int((gray(folder / "pth", n) == gray(folder / "onnx", n)).sum()) for n in names)
+    total = sum(gray(folder / "pth", n).size for n in names)
+    assert len(names) == 8 and same / total >= 0.999
+    assert len(np.unique(np.concatenate([gray(folder / "pth", n).ravel() for n in names]))) >= 2  # not one class
+
+    image = tiny_toy / "images" / "val" / f"{names[0]}.jpg"
+    out = run_tool("demo.py", f"--config={cfg}", f"--image={image}", "--output", str(folder / "demo"),
+                   "TEST.onnx_path", str(exported["onnx"]))
+    assert out.returncode == 0, out.stderr[-3000:]
+    demo = cv2.imread(str(folder / "demo" / f"{names[0]}_gray.png"), cv2.IMREAD_UNCHANGED)
+    assert (demo == gray(folder / "onnx", names[0])).all()
+
+
+def test_predictor_from_onnx_and_from_config_on_an_image(exported, tiny_toy):
+    image = tiny_toy / "images" / "val" / "toy_val_00002.jpg"
+    h, w = cv2.imread(str(image)).shape[:2]
+    assert Predictor.from_onnx(exported["onnx"]).scales == SCALES  # settings from the file's metadata
+    from_onnx = Predictor.from_onnx(exported["onnx"], scales=[1.0])  # ... unless given
+    assert from_onnx.window == (33, 33) and from_onnx.classes == 6 and from_onnx.scales == [1.0]
+    labels, probs = from_onnx.predict(str(image), probabilities=True)
+    assert labels.shape == (h, w) and labels.dtype == np.uint8 and probs.shape == (6, h, w)
+    assert np.allclose(probs.sum(0), 1, atol=1e-5) and (labels == probs.argmax(0)).all()
+    checkpoint = Predictor.from_config(exported["cfg"], ["TEST.scales", "[1.0]"], device="cpu")
+    torch_labels, torch_probs = checkpoint.predict(str(image), probabilities=True)
+    assert np.abs(torch_probs - probs).max() < 1e-4 and (torch_labels == labels).mean() >= 0.999
+
+
+def test_onnx_files_that_do_not_fit_are_refused(exported, tmp_path):
+    cfg = load_config(exported["cfg"])
+    for key, value, fragment in (("onnx_path", str(exported["folder"] / "model.pth"), "is not a loadable ONNX"),
+                                 ("onnx_path", str(tmp_path / "none.onnx"), "TEST.onnx_path: file not found"),
+                                 ("test_h", 41, "takes 33x33 windows")):
+        cfg.onnx_path = str(exported["onnx"])
+        setattr(cfg, key, value)
+        with pytest.raises((CheckpointError, ConfigError), match=fragment):
+            Predictor.from_config(cfg)
+    foreign = tmp_path / "identity.onnx"
+    value = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "g", [value],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])), str(foreign))
+    with pytest.raises(CheckpointError, match="not written by tool/export.py"):
+        Predictor.from_onnx(foreign)
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (["TRAIN.arch", "psa"], ["TEST.model_path", "does not fit the model"]),  # a checkpoint of another architecture
+    (["TEST.test_h", "40"], ["TEST.test_h", "8k+1"]),
+    (["TEST.model_path", "{onnx}"], ["TEST.model_path", "is not a readable PyTorch weight file"]),  # wrong file
+])
+def test_export_refuses_bad_input_with_one_line(exported, tmp_path, overrides, fragments):
+    overrides = [value.format(onnx=exported["onnx"]) for value in overrides]
+    out = run_tool("export.py", f"--config={exported['cfg']}", "--output", str(tmp_path / "x.onnx"), *overrides)
+    assert_one_line_error(out, *fragments)
+    assert not list(tmp_path.iterdir())
