@@ -144,7 +144,7 @@ def test_onnx_files_that_do_not_fit_are_refused(exported, tmp_path):
 @pytest.mark.parametrize("overrides, fragments", [
     (["TRAIN.arch", "psa"], ["TEST.model_path", "does not fit the model"]),  # a checkpoint of another architecture
     (["TEST.test_h", "40"], ["TEST.test_h", "8k+1"]),
-    (["TEST.model_path", "{onnx}"], ["TEST.model_path", "is not a readable PyTorch weight file"]),  # wrong file
+    (["TEST.model_path", "{onnx}"], ["TEST.model_path", "is not a PyTorch checkpoint"]),  # wrong file
 ])
 def test_export_refuses_bad_input_with_one_line(exported, tmp_path, overrides, fragments):
     overrides = [value.format(onnx=exported["onnx"]) for value in overrides]

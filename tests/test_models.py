@@ -62,34 +62,28 @@ def test_state_dict_keys_and_shapes_match_reference(name):
     assert [(key, _shape_text(value)) for key, value in model.state_dict().items()] == expected
 
 
-def test_parity_with_reference_pspnet50_logits():
+PARITY_MODELS = {  # fixture name -> the reference's model (tests/fixtures/parity/README.md)
+    "pspnet50_c21": lambda: PSPNet(layers=50, classes=21, zoom_factor=8),
+    "psanet50_c21_t2": lambda: PSANet(layers=50, classes=21, zoom_factor=8, psa_type=2, compact=False,
+                                      shrink_factor=2, mask_h=13, mask_w=13, normalization_factor=1.0,
+                                      psa_softmax=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PARITY_MODELS))
+def test_parity_with_reference_logits(name):
+    """The reference's logits on seeded weights and input. For PSANet (psa_type 2, not compact,
+    shrink 2, 13x13 masks) this catches what the key and shape check cannot, such as swapped
+    collect and distribute branches or a changed mask re-arrangement."""
     seeded = _load_seeded_weights()
     with torch.device("meta"):
-        model = PSPNet(layers=50, classes=21, zoom_factor=8)
+        model = PARITY_MODELS[name]()
     model.to_empty(device="cpu")
-    model.load_state_dict(seeded.seeded_state_dict(seeded.read_shapes(KEYS / "pspnet50_c21.keys")), strict=True)
+    model.load_state_dict(seeded.seeded_state_dict(seeded.read_shapes(KEYS / f"{name}.keys")), strict=True)
     model.eval()
     with torch.no_grad():
         logits = model(seeded.seeded_input((1, 3, 97, 97)))
-    expected = np.load(FIXTURES / "parity" / "pspnet50_c21.out.npy")
-    assert logits.shape == expected.shape
-    assert np.abs(logits.numpy() - expected).max() < 1e-3
-
-
-def test_parity_with_reference_psanet50_logits():
-    """The reference PSANet (psa_type 2, not compact, shrink 2, 13x13 masks) on the same seeded
-    weights and input: catches what the key and shape check cannot, such as swapped collect and
-    distribute branches or a changed mask re-arrangement."""
-    seeded = _load_seeded_weights()
-    with torch.device("meta"):
-        model = PSANet(layers=50, classes=21, zoom_factor=8, psa_type=2, compact=False, shrink_factor=2,
-                       mask_h=13, mask_w=13, normalization_factor=1.0, psa_softmax=True)
-    model.to_empty(device="cpu")
-    model.load_state_dict(seeded.seeded_state_dict(seeded.read_shapes(KEYS / "psanet50_c21_t2.keys")), strict=True)
-    model.eval()
-    with torch.no_grad():
-        logits = model(seeded.seeded_input((1, 3, 97, 97)))
-    expected = np.load(FIXTURES / "parity" / "psanet50_c21_t2.out.npy")
+    expected = np.load(FIXTURES / "parity" / f"{name}.out.npy")
     assert logits.shape == expected.shape
     assert np.abs(logits.numpy() - expected).max() < 1e-3
 
