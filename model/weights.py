@@ -13,6 +13,7 @@ refused unless the caller opts in with trust_pickle=True.
 import logging
 import pickle
 import re
+import struct
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -43,14 +44,14 @@ FILE_KINDS = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b
 LISTED_NAMES = 6
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEMSEG_IMAGENET_FILE = "initmodel/resnet{layers}_v2.pth"  # semseg's default, under the repository root
-NO_IMAGENET = "none"  # TRAIN.pretrained_backbone for an explicit start from random weights
+NO_IMAGENET = "none"  # TRAIN.pretrained_backbone for an explicit start from random weights (util.config.NO_FILE)
 
 
 def imagenet_weights_path(setting: str, layers: int, root: Path = REPO_ROOT) -> Optional[Path]:
     """The ImageNet file that TRAIN.pretrained_backbone names: the path given; when not set ('' or
     null), semseg's initmodel/resnet<layers>_v2.pth under the repository root, as semseg's PSPNet and
     PSANet load by default; None for `none`, the explicit opt-out (random weights)."""
-    if setting.strip().lower() == NO_IMAGENET:
+    if setting == NO_IMAGENET:
         return None
     return Path(setting) if setting else root / SEMSEG_IMAGENET_FILE.format(layers=layers)
 
@@ -115,14 +116,16 @@ def check_integrity(path: Path, config_key: str) -> None:
     if head == LEGACY_PICKLE_START:
         return
     if head != ZIP_MAGIC:
+        onnx = "; an ONNX export runs through TEST.onnx_path" if path.suffix == ".onnx" else ""
         raise CheckpointError(f"{config_key}: {path} is not a PyTorch checkpoint ({_describe_content(path)}); "
-                              f"expected a file written by torch.save, such as train_epoch_<n>.pth")
+                              f"expected a file written by torch.save, such as train_epoch_<n>.pth{onnx}")
     try:
         with zipfile.ZipFile(path) as archive:
             if not any(record.CRC for record in archive.infolist() if record.file_size):
                 return  # saved with torch.serialization.set_crc32_options(False): no checksums to compare
             damaged = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as error:
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, ValueError, struct.error) as error:
+        # a damaged header can also claim an unknown compression method or impossible sizes
         raise CheckpointError(f"{config_key}: {path} is damaged or truncated: its zip structure cannot be read "
                               f"({_first_line(error)}); use another copy or an earlier checkpoint") from None
     if damaged is not None:

@@ -137,10 +137,18 @@ def test_a_path_key_with_no_value_is_not_set(tmp_path):
     cfg = load_config(p)
     assert (cfg.train_list, cfg.weight, cfg.resume, cfg.pretrained_backbone, cfg.model_path) == ("",) * 5
     assert cfg.save_path == FIELDS["save_path"].default
-    cfg = load_config(p, ["TRAIN.weight", "None", "TRAIN.resume", "null", "TRAIN.pretrained_backbone", "none"])
+    cfg = load_config(p, ["TRAIN.weight", "None", "TRAIN.resume", "null", "TRAIN.pretrained_backbone", "None"])
     assert (cfg.weight, cfg.resume, cfg.pretrained_backbone) == ("", "", "none")  # `none`: the opt-out word
-    with pytest.raises(ConfigError, match=r"s2.yaml line 2: DATA.data_root must be set .*got no value"):
+    child = write(tmp_path / "child.yaml", "_base_: base.yaml\nTRAIN:\n  pretrained_backbone:\n  weight: None\n")
+    write(tmp_path / "base.yaml", "DATA:\n  data_root: x\n  classes: 3\nTRAIN:\n  pretrained_backbone: None\n"
+                                  "  weight: w.pth\n")
+    cfg = load_config(child)  # no value: the base's stays; `none` for a weight file: not set
+    assert (cfg.pretrained_backbone, cfg.weight) == ("none", "")
+    assert load_config(child, ["TRAIN.pretrained_backbone", "null"]).pretrained_backbone == ""
+    with pytest.raises(ConfigError, match=r"s2.yaml: DATA.data_root must be set"):
         load_config(write(tmp_path / "s2.yaml", "DATA:\n  data_root:\n  classes: 3\n"))
+    with pytest.raises(ConfigError, match=r"override DATA.data_root: DATA.data_root must be set .*got no value"):
+        load_config(p, ["DATA.data_root", "null"])
     with pytest.raises(ConfigError, match=r"s3.yaml line 4: TRAIN.weight expects a path, got \[1\]"):
         load_config(write(tmp_path / "s3.yaml", "DATA:\n  data_root: x\nTRAIN:\n  weight: [1]\n"))
 

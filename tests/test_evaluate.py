@@ -90,6 +90,7 @@ def test_has_prediction_rescores_saved_pngs(tiny_toy, tmp_path, checkpoint):
     assert out.returncode == 0, out.stderr[-3000:]
     again = json.loads((tmp_path / "result" / "metrics.json").read_text())
     assert again["classes"] == first["classes"]
+    assert again["model_path"] is None and again["network"].startswith("predictions saved in")
     next((tmp_path / "result" / "gray").glob("*.png")).unlink()
     out = run_tool("test.py", f"--config={cfg}", "TEST.has_prediction", "True")
     assert out.returncode == 2 and "does not exist" in out.stderr and "has_prediction" in out.stderr

@@ -94,6 +94,8 @@ def test_test_py_and_demo_with_the_onnx_file_equal_the_checkpoint(exported, tiny
         assert out.returncode == 0, out.stderr[-3000:]
         results[kind] = json.loads((folder / kind / "metrics.json").read_text())
     assert "in onnxruntime" in out.stdout and results["onnx"]["onnx_path"] == str(exported["onnx"])
+    assert results["onnx"]["model_path"] is None and results["onnx"]["network"].endswith("(ONNX, in onnxruntime)")
+    assert results["pth"]["onnx_path"] is None and results["pth"]["network"] == results["pth"]["model_path"]
     assert round(results["onnx"]["mIoU"], 3) == round(results["pth"]["mIoU"], 3)
     names = [p.stem for p in (folder / "pth" / "gray").glob("*.png")]
     same = sum(int((gray(folder / "pth", n) == gray(folder / "onnx", n)).sum()) for n in names)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from conftest import CPU_ONLY, REPO_ROOT
 from util.config import load_config
-from util.experiment import RESUME_COMMAND_VARIABLE, result_folder, rerun_command, resume_command
+from util.experiment import RESUME_COMMAND_VARIABLE, evaluation_paths, result_folder, rerun_command, resume_command
 
 
 def tiny_overrides(toy: Path) -> list[str]:
@@ -113,6 +113,15 @@ def test_result_folders_are_named_after_the_checkpoint_split_and_scales():
     assert result_folder("exp/a/b", "exp/a/b/model/train_epoch_12.pth", "val", [1.0]) == \
         Path("exp/a/b/result/epoch_12/val/ss")
     assert result_folder("x", "/elsewhere/best.pth", "test", [0.5, 1.0]) == Path("x/result/best/test/ms")
+    assert result_folder("x", "exp/m.onnx", "val", [1.0]) == Path("x/result/m.onnx/val/ss")  # not the checkpoint's
+
+
+def test_the_experiment_evaluates_what_it_trained_or_the_export_given():
+    config = str(REPO_ROOT / "config/toy/toy_pspnet18.yaml")
+    assert evaluation_paths(config, "x", []) == ("x/model/train_epoch_9.pth", Path("x/result/epoch_9/val/ms"))
+    assert evaluation_paths(config, "x", ["TRAIN.save_path", "/y", "TRAIN.epochs", "2"]) == \
+        ("/y/train_epoch_2.pth", Path("x/result/epoch_2/val/ms"))
+    assert evaluation_paths(config, "x", ["TEST.onnx_path", "m.onnx"])[1] == Path("x/result/m.onnx/val/ms")
 
 
 def test_the_continue_command_replaces_any_other_resume_setting(monkeypatch):
@@ -126,3 +135,5 @@ def test_the_continue_command_replaces_any_other_resume_setting(monkeypatch):
     monkeypatch.delenv("PYTHON", raising=False)
     assert rerun_command("tool/train.sh", "toy", "pspnet18", ["TRAIN.resume", "''", "TEST.scales", "[1.0, 2.0]"]) == \
         "'EXP_ROOT=/x y' sh tool/train.sh toy pspnet18 TEST.scales '[1.0, 2.0]'"
+    assert rerun_command(str(REPO_ROOT / "tool/slurm_train.sh"), "ade20k", "pspnet50", []).startswith(
+        f"'EXP_ROOT=/x y' sbatch {REPO_ROOT / 'tool/slurm_train.sh'} ade20k pspnet50")  # resubmitted

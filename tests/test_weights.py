@@ -184,6 +184,12 @@ def test_bit_damage_inside_a_checkpoint_names_the_file(tmp_path):
     cut.write_bytes(path.read_bytes()[:middle])
     with pytest.raises(CheckpointError, match=rf"TEST.model_path: {cut} is damaged or truncated"):
         load_checkpoint(cut, "TEST.model_path")
+    data = bytearray(path.read_bytes())  # a damaged directory entry: an unknown compression method
+    data[data.index(b"PK\x01\x02") + 10] = 99
+    method = tmp_path / "method.pth"
+    method.write_bytes(data)
+    with pytest.raises(CheckpointError, match=rf"TEST.model_path: {method} is damaged or truncated"):
+        load_checkpoint(method, "TEST.model_path")
 
 
 def test_checkpoints_without_checksums_still_load(tmp_path):

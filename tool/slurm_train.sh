@@ -17,6 +17,9 @@ config=config/${dataset}/${dataset}_${exp_name}.yaml
 exp_dir=exp/${dataset}/${exp_name}
 mkdir -p "$exp_dir"
 cp tool/slurm_train.sh tool/train.py tool/test.py "$config" "$exp_dir"
+# What train.py suggests after a crash or preemption: resubmitting, which resumes (as a requeued job does).
+SEMSEG_RESUME_COMMAND=$(python -m util.experiment rerun tool/slurm_train.sh "$dataset" "$exp_name" "$@")
+export SEMSEG_RESUME_COMMAND
 # TRAIN.workers is per node and split across its tasks; resume auto makes a requeued job continue.
 srun python tool/train.py --config="$config" TRAIN.save_path "$exp_dir/model" TRAIN.resume auto "$@"
 paths=$(python -m util.experiment paths "$config" "$exp_dir" "$@")   # checkpoint and result/epoch_<n>/<split>/<ss|ms>

@@ -39,7 +39,7 @@ from util.image_io import read_label  # noqa: E402
 from util.inference import resize_image  # noqa: E402
 from util.metrics import ConfusionMatrix, format_scores_table  # noqa: E402
 from util.palette import colorize, output_names, read_colors, read_names, side_by_side, write_png  # noqa: E402
-from util.report import image_score, write_evaluation_report  # noqa: E402
+from util.report import evaluated_network, image_score, write_evaluation_report  # noqa: E402
 from util.submission import check_submission_format, write_submission  # noqa: E402
 from util.predictor import Predictor  # noqa: E402
 
@@ -121,7 +121,10 @@ def main() -> None:
         if info.is_main:
             logger.info("results on %d images:\n%s", len(indices), format_scores_table(scores, names))
             conf = matrix.mat.cpu().numpy()
-            result = {"config": str(args.config), "model_path": cfg.model_path, "onnx_path": cfg.onnx_path,
+            network = {"model_path": None, "onnx_path": None}  # the one that ran, if any
+            if not cfg.has_prediction:
+                network["onnx_path" if cfg.onnx_path else "model_path"] = cfg.onnx_path or cfg.model_path
+            result = {"config": str(args.config), **network, "network": evaluated_network(cfg),
                       "images": len(indices), "scales": cfg.scales, "flip": cfg.flip, **scores.as_dict(names),
                       "confusion": {"rows": "ground truth", "columns": "prediction", "counts": conf.tolist()}}
             (save / "metrics.json").write_text(json.dumps(result, indent=2))

@@ -44,7 +44,7 @@ from util.distributed import (DistInfo, GlobalBatchSampler, broadcast_object, cl
                               default_workers, detect_launch, init_distributed, local_world_size, shard_indices,
                               visible_devices)
 from util.errors import ConfigError, UserError  # noqa: E402
-from util.experiment import resume_command  # noqa: E402
+from util.experiment import RESUME_COMMAND_VARIABLE, resume_command  # noqa: E402
 from util.loss import count_valid, label_at_output_size, segmentation_loss  # noqa: E402
 from util.memory import children_peak_mib  # noqa: E402
 from util.metrics import ConfusionMatrix, format_scores_table  # noqa: E402
@@ -443,6 +443,8 @@ def main() -> None:
     if cfg.train_gpu and 0 < gpus < len(cfg.train_gpu):
         logger.warning("TRAIN.train_gpu lists %d GPUs but %d exist; using %d", len(cfg.train_gpu), gpus, gpus)
     if not launched and cfg.multiprocessing_distributed and gpus > 0 and (gpus > 1 or cfg.world_size > 1):
+        # The children look launched (RANK, WORLD_SIZE); their resume hint must name this command.
+        os.environ.setdefault(RESUME_COMMAND_VARIABLE, resume_command(sys.argv, os.environ, "single"))
         try:
             mp.spawn(spawn_worker, args=(cfg, gpus, imagenet), nprocs=gpus)
         except mp.ProcessException as e:  # the failing child has printed its own reason

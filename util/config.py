@@ -5,7 +5,9 @@ Every setting is declared once in SCHEMA with its type, default and a one-line d
 from others with `_base_: path` (or a list of paths), relative to the file; later files override
 earlier ones key by key. Command-line overrides are `SECTION.key value` pairs or `SECTION.key=value`,
 values parsed as YAML literals, as in semseg. A path key written with no value (YAML null, as
-semseg's configs write `weight:` and `resume:`) means "not set", i.e. its default.
+semseg's configs write `weight:` and `resume:`) is not set by that file (a base's value or the
+default stays); `none` (any case) means no file: not set, except for TRAIN.pretrained_backbone,
+where not set means semseg's default ImageNet file and `none` an explicit start from random weights.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 SECTIONS = ("DATA", "TRAIN", "Distributed", "TEST")
 REQUIRED = object()  # default of keys that every config must set
+NO_FILE = "none"  # a path key's value meaning "no file": not set, except where it is a setting of its own
+NO_FILE_IS_A_SETTING = ("pretrained_backbone",)  # not set = a default file; none = none at all
 # YAML 1.1 reads 1e-4 and 1e10 (no dot) as strings; semseg's literal parsing read them as numbers.
 EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -202,6 +206,8 @@ def coerce_value(field: Field, value: Any, where: str) -> Any:
         out = bool(value)  # semseg configs write `compact: 0`
     elif field.kind in ("str", "path") and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         out = str(value)
+        if field.kind == "path" and out.strip().lower() == NO_FILE:  # `none`: no file
+            out = NO_FILE if field.name in NO_FILE_IS_A_SETTING else field.default
     elif field.kind == "int_list" and isinstance(value, (list, tuple)) and all(map(_is_int, value)):
         out = list(value)
     elif field.kind == "float_list" and isinstance(value, (list, tuple)) and all(
@@ -367,7 +373,9 @@ def parse_override(key: str, raw: str) -> tuple[Field, Any]:
         raise ConfigError(f"override {key}: unknown key {name!r}{_suggest(name, FIELDS)}")
     if section and section not in (field.section, field.section.upper()):
         raise ConfigError(f"override {key}: key {name} belongs in section {field.section}")
-    if field.kind in ("str", "path") and raw not in ("null", "None", "~"):
+    if field.kind == "path" and raw not in ("null", "~"):  # None too: a path's `none` means no file
+        return field, _unquoted(raw)
+    if field.kind == "str" and raw not in ("null", "None", "~"):
         return field, _unquoted(raw)
     if raw in ("None", "none"):  # semseg parsed Python literals
         return field, None
@@ -386,6 +394,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     sources: dict[str, str] = {}
     for file, entries in _collect(Path(path)):
         for key, (value, line) in entries.items():
+            if value is None and FIELDS[key].kind == "path":
+                continue  # not set here: the base's value or the default stays
             values[key] = coerce_value(FIELDS[key], value, f"{file} line {line}")
             sources[key] = f"{file} line {line}"
     for key, raw in split_overrides(overrides or []):

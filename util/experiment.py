@@ -17,8 +17,9 @@ TRAIN.resume auto.
 prints the checkpoint to evaluate (the final epoch's, unless TEST.model_path is overridden) and the
 result folder, one a line;
   python -m util.experiment rerun <launcher script> <dataset> <exp_name> [SECTION.key value ...]
-prints the shell command that runs the launcher again, with its environment settings and the
-overrides less TRAIN.resume (the launchers resume by default): what an interrupted run suggests.
+prints the shell command that runs the launcher again (sbatch for a SLURM batch script), with its
+environment settings and the overrides less TRAIN.resume (the launchers resume by default): what
+an interrupted run suggests.
 """
 from __future__ import annotations
 
@@ -36,21 +37,25 @@ LAUNCHER_SETTINGS = ("EXP_ROOT", "NPROC", "PYTHON")  # environment the launchers
 RESUME_COMMAND_VARIABLE = "SEMSEG_RESUME_COMMAND"  # tool/train.sh's own command, for train.py's hint
 
 
-def result_folder(exp_dir: str | Path, model_path: str | Path, split: str, scales: list[float]) -> Path:
-    """<exp_dir>/result/epoch_<n>/<split>/<ss|ms> for the checkpoint model_path."""
+def result_folder(exp_dir: str | Path, network: str | Path, split: str, scales: list[float]) -> Path:
+    """<exp_dir>/result/<name>/<split>/<ss|ms> for the evaluated file: epoch_<n> for train_epoch_<n>.pth,
+    the stem of another checkpoint (best.pth -> best), the whole name of an ONNX export
+    (model.onnx), so that evaluating an export never overwrites its checkpoint's results."""
     from util.checkpoint import EPOCH_FILE  # imports torch: not at the top, so that `rerun` answers at once
-    found = EPOCH_FILE.match(Path(model_path).name)
-    checkpoint = f"epoch_{found.group(1)}" if found else Path(model_path).stem
-    return Path(exp_dir) / "result" / checkpoint / split / ("ss" if len(scales) == 1 else "ms")
+    network = Path(network)
+    found = EPOCH_FILE.match(network.name)
+    name = f"epoch_{found.group(1)}" if found else network.name if network.suffix == ".onnx" else network.stem
+    return Path(exp_dir) / "result" / name / split / ("ss" if len(scales) == 1 else "ms")
 
 
 def evaluation_paths(config: str | Path, exp_dir: str | Path, overrides: list[str]) -> tuple[str, Path]:
-    """(TEST.model_path, TEST.save_folder) of the experiment's evaluation with these overrides."""
-    in_experiment = ["TRAIN.save_path", f"{exp_dir}/model"]
-    epochs = load_config(config, in_experiment + overrides).epochs
-    final = f"{exp_dir}/model/train_epoch_{epochs}.pth"
-    cfg = load_config(config, in_experiment + ["TEST.model_path", final] + overrides)
-    return cfg.model_path, result_folder(exp_dir, cfg.model_path, cfg.split, cfg.scales)
+    """(TEST.model_path, TEST.save_folder) of the experiment's evaluation with these overrides: the
+    final checkpoint in TRAIN.save_path (the experiment's model/ unless overridden), or the
+    TEST.model_path / TEST.onnx_path of the overrides."""
+    trained = load_config(config, ["TRAIN.save_path", f"{exp_dir}/model"] + overrides)
+    final = f"{trained.save_path}/train_epoch_{trained.epochs}.pth"
+    cfg = load_config(config, ["TRAIN.save_path", f"{exp_dir}/model", "TEST.model_path", final] + overrides)
+    return cfg.model_path, result_folder(exp_dir, cfg.onnx_path or cfg.model_path, cfg.split, cfg.scales)
 
 
 def without_resume(overrides: list[str]) -> list[str]:
@@ -60,14 +65,17 @@ def without_resume(overrides: list[str]) -> list[str]:
 
 
 def rerun_command(script: str, dataset: str, exp_name: str, overrides: list[str]) -> str:
-    """`[EXP_ROOT=.. NPROC=.. PYTHON=..] sh <script> <dataset> <exp_name> <overrides but TRAIN.resume>`."""
+    """`[EXP_ROOT=.. NPROC=.. PYTHON=..] sh <script> <dataset> <exp_name> <overrides but TRAIN.resume>`,
+    or `sbatch <script> ...` for a SLURM batch script (one with #SBATCH lines): resubmitting resumes."""
+    batch = "#SBATCH" in Path(script).read_text(encoding="utf-8", errors="replace")
     settings = [f"{name}={os.environ[name]}" for name in LAUNCHER_SETTINGS if os.environ.get(name)]
-    return shlex.join([*settings, "sh", script, dataset, exp_name, *without_resume(overrides)])
+    return shlex.join([*settings, "sbatch" if batch else "sh", script, dataset, exp_name, *without_resume(overrides)])
 
 
 def resume_command(argv: list[str], env: Mapping[str, str], launcher: str) -> str:
     """What continues the train.py run of `argv` (sys.argv): the command of the launcher that started it
-    when that one resumes by default (RESUME_COMMAND_VARIABLE, set by tool/train.sh), else the same
+    when that one resumes by default (RESUME_COMMAND_VARIABLE, set by tool/train.sh and
+    tool/slurm_train.sh, and by train.py itself before a plain-python multi-GPU spawn), else the same
     train.py command with TRAIN.resume auto, under torchrun when `launcher` is torchrun."""
     if env.get(RESUME_COMMAND_VARIABLE):
         return env[RESUME_COMMAND_VARIABLE]

@@ -101,6 +101,15 @@ def error_map(image: np.ndarray, pred: np.ndarray, label: np.ndarray, ignore_lab
     return out
 
 
+def evaluated_network(cfg) -> str:
+    """What made the predictions scored: PNGs saved earlier, an ONNX export or a checkpoint."""
+    if cfg.has_prediction:
+        return f"predictions saved in {Path(cfg.save_folder) / 'gray'} (TEST.has_prediction)"
+    if cfg.onnx_path:
+        return f"{cfg.onnx_path} (ONNX, in onnxruntime)"
+    return cfg.model_path
+
+
 def write_per_image_csv(path: Path, scores: list[ImageScore]) -> None:
     """One row per image in list order; floats at full precision, `nan` when undefined."""
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -229,7 +238,7 @@ def write_evaluation_report(save: Path, cfg, config_path: str, dataset, per_imag
         panel = side_by_side(image, colorize(pred, colors), colorize(label, colors),
                              error_map(image, pred, label, cfg.ignore_label))
         write_png(save / "vis" / f"{s.name}.png", panel)
-    run = {"config": config_path, "model": cfg.model_path or "saved predictions (TEST.has_prediction)",
+    run = {"config": config_path, "model": evaluated_network(cfg),
            "network": f"{ARCH_NAMES.get(cfg.arch, cfg.arch)}, ResNet-{cfg.layers}", "list": cfg.test_list, "images": len(per_image),
            "scales": cfg.scales, "flip": cfg.flip}
     write_report(save / "report.html", run, scores, names, conf, worst, "confusion.png", "vis",
