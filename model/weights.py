@@ -25,6 +25,7 @@ from torch import nn
 
 from model.resnet import BACKBONE_MODULES
 from util.checkpoint import epoch_checkpoints
+from util.config import NO_FILE
 from util.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -44,14 +45,13 @@ FILE_KINDS = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b
 LISTED_NAMES = 6
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEMSEG_IMAGENET_FILE = "initmodel/resnet{layers}_v2.pth"  # semseg's default, under the repository root
-NO_IMAGENET = "none"  # TRAIN.pretrained_backbone for an explicit start from random weights (util.config.NO_FILE)
 
 
 def imagenet_weights_path(setting: str, layers: int, root: Path = REPO_ROOT) -> Optional[Path]:
     """The ImageNet file that TRAIN.pretrained_backbone names: the path given; when not set ('' or
     null), semseg's initmodel/resnet<layers>_v2.pth under the repository root, as semseg's PSPNet and
     PSANet load by default; None for `none`, the explicit opt-out (random weights)."""
-    if setting == NO_IMAGENET:
+    if setting == NO_FILE:
         return None
     return Path(setting) if setting else root / SEMSEG_IMAGENET_FILE.format(layers=layers)
 

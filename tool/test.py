@@ -39,9 +39,9 @@ from util.image_io import read_label  # noqa: E402
 from util.inference import resize_image  # noqa: E402
 from util.metrics import ConfusionMatrix, format_scores_table  # noqa: E402
 from util.palette import colorize, output_names, read_colors, read_names, side_by_side, write_png  # noqa: E402
+from util.predictor import Predictor  # noqa: E402
 from util.report import evaluated_network, image_score, write_evaluation_report  # noqa: E402
 from util.submission import check_submission_format, write_submission  # noqa: E402
-from util.predictor import Predictor  # noqa: E402
 
 logger = logging.getLogger("test")
 
@@ -143,7 +143,7 @@ def predict_and_save(cfg, info, dataset, shard, indices, name_of, colors, matrix
     write PNGs and accumulate the confusion matrix; returns the shard's per-image scores
     (util.report.ImageScore; none without labels)."""
     predictor = Predictor.from_config(cfg, device=info.device)
-    logger.info("network: %s", f"{cfg.onnx_path} in onnxruntime" if cfg.onnx_path else cfg.model_path)
+    logger.info("network: %s", evaluated_network(cfg))
     torch.backends.cudnn.benchmark = True  # every window has the same size
     loader = make_loader(cfg, info, ScaledImages(dataset, shard, predictor.long_sizes))
     vis_first = set(indices[:cfg.vis_count])

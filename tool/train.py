@@ -32,13 +32,13 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from lib.sync_bn import convert_sync_batchnorm  # noqa: E402
 from model import build_model  # noqa: E402
-from model.weights import (NO_IMAGENET, imagenet_weights_path, load_backbone_weights, load_checkpoint,  # noqa: E402
-                           load_model_state, load_model_weights)
+from model.weights import (imagenet_weights_path, load_backbone_weights, load_checkpoint, load_model_state,  # noqa: E402
+                           load_model_weights)
 from util.checkpoint import (BEST_FILE, archive_previous_run, atomic_save, check_writable,  # noqa: E402
                              checkpoints_to_come, epoch_checkpoints, prune_checkpoints, remove_stale_temporaries,
                              resolve_resume, rng_state, set_rng_state, training_checkpoint_kind, with_module_prefix)
 from util.cli import Progress, run_main, setup_logging  # noqa: E402
-from util.config import Config, add_config_arguments, describe_schema, load_config  # noqa: E402
+from util.config import NO_FILE, Config, add_config_arguments, describe_schema, load_config  # noqa: E402
 from util.dataset import dataset_from_config  # noqa: E402
 from util.distributed import (DistInfo, GlobalBatchSampler, broadcast_object, cleanup_distributed,  # noqa: E402
                               default_workers, detect_launch, init_distributed, local_world_size, shard_indices,
@@ -111,7 +111,7 @@ def imagenet_start(cfg: Config) -> Path | None:
         what = (f"TRAIN.pretrained_backbone is not set, so the backbone starts from semseg's ImageNet weights, the "
                 f"deep-stem ResNet-{cfg.layers} file that semseg's PSPNet/PSANet load by default:")
     raise ConfigError(f"{what} {path} not found; put the file there, set TRAIN.pretrained_backbone to its path, "
-                      f"or set TRAIN.pretrained_backbone {NO_IMAGENET} to train from random weights")
+                      f"or set TRAIN.pretrained_backbone {NO_FILE} to train from random weights")
 
 
 def prepare_model(cfg: Config, info: DistInfo, imagenet: Path | None) -> torch.nn.Module:

@@ -52,10 +52,10 @@ def evaluation_paths(config: str | Path, exp_dir: str | Path, overrides: list[st
     """(TEST.model_path, TEST.save_folder) of the experiment's evaluation with these overrides: the
     final checkpoint in TRAIN.save_path (the experiment's model/ unless overridden), or the
     TEST.model_path / TEST.onnx_path of the overrides."""
-    trained = load_config(config, ["TRAIN.save_path", f"{exp_dir}/model"] + overrides)
-    final = f"{trained.save_path}/train_epoch_{trained.epochs}.pth"
-    cfg = load_config(config, ["TRAIN.save_path", f"{exp_dir}/model", "TEST.model_path", final] + overrides)
-    return cfg.model_path, result_folder(exp_dir, cfg.onnx_path or cfg.model_path, cfg.split, cfg.scales)
+    cfg = load_config(config, ["TRAIN.save_path", f"{exp_dir}/model"] + overrides)
+    given = cfg.source("model_path") == "override"  # the config file's own model_path names another experiment
+    model_path = cfg.model_path if given else f"{cfg.save_path}/train_epoch_{cfg.epochs}.pth"
+    return model_path, result_folder(exp_dir, cfg.onnx_path or model_path, cfg.split, cfg.scales)
 
 
 def without_resume(overrides: list[str]) -> list[str]:
