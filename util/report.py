@@ -239,7 +239,7 @@ def write_evaluation_report(save: Path, cfg, config_path: str, dataset, per_imag
                              error_map(image, pred, label, cfg.ignore_label))
         write_png(save / "vis" / f"{s.name}.png", panel)
     run = {"config": config_path, "model": evaluated_network(cfg),
-           "network": f"{ARCH_NAMES.get(cfg.arch, cfg.arch)}, ResNet-{cfg.layers}", "list": cfg.test_list, "images": len(per_image),
-           "scales": cfg.scales, "flip": cfg.flip}
+           "network": f"{ARCH_NAMES.get(cfg.arch, cfg.arch)}, ResNet-{cfg.layers}", "list": cfg.test_list,
+           "images": len(per_image), "scales": cfg.scales, "flip": cfg.flip}
     write_report(save / "report.html", run, scores, names, conf, worst, "confusion.png", "vis",
                  ["metrics.json", "per_image.csv", "config.yaml"])
