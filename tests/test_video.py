@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_line_error, run_tool, write_config
+from util.errors import DataError, UserError
 from util.palette import read_colors
 from util.video import VideoReader, draw_legend, legend_layout, segment_video
 
@@ -29,7 +30,7 @@ def clip(tiny_toy, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def config(tiny_toy, checkpoint, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("cfg")
-    return write_config(folder / "cfg.yaml", tiny_toy, TEST={"model_path": str(checkpoint), "scales": [0.75, 1.0]})
+    return write_config(folder / "cfg.yaml", tiny_toy, TEST={"model_path": str(checkpoint), "scales": [1.0]})
 
 
 def decoded_frames(path: Path) -> list[np.ndarray]:
@@ -75,53 +76,6 @@ def test_every_3_segments_a_third_of_the_frames_and_keeps_the_length(clip, confi
     assert len(decoded_frames(tmp_path / "clip_overlay.mp4")) == FRAMES
 
 
-def mjpeg_avi(path: Path, codec: bytes = b"MJPG") -> Path:
-    """A 2-frame MJPEG AVI whose codec tag is then replaced by `codec`."""
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), FPS, (WIDTH, HEIGHT))
-    for value in (0, 255):
-        writer.write(np.full((HEIGHT, WIDTH, 3), value, np.uint8))
-    writer.release()
-    path.write_bytes(path.read_bytes().replace(b"MJPG", codec))
-    return path
-
-
-@pytest.mark.parametrize("case, fragments", [
-    ("empty", ["empty.mp4", "file is empty"]),
-    ("text", ["notes.mp4", "not a video file"]),
-    ("codec", ["zzzz.avi", "AVI file that OpenCV cannot decode"]),
-    ("image", ["still.png", "is an image; segment it with --image"]),
-    ("missing", ["nothing.mp4", "file not found"]),
-    ("unwritable", ["--output", "is not writable"]),
-    ("every", ["--every 0", "expected 1 or more"]),
-])
-def test_bad_input_is_one_line_and_leaves_no_output(case, fragments, clip, config, tmp_path):
-    inputs, output = tmp_path / "in", tmp_path / "out"
-    inputs.mkdir()
-    video, extra = clip, []
-    if case == "empty":
-        video = inputs / "empty.mp4"
-        video.write_bytes(b"")
-    elif case == "text":
-        video = inputs / "notes.mp4"
-        video.write_text("not a video\n" * 50)
-    elif case == "codec":
-        video = mjpeg_avi(inputs / "zzzz.avi", b"ZZZZ")
-    elif case == "image":
-        video = inputs / "still.png"
-        cv2.imwrite(str(video), np.zeros((8, 8, 3), np.uint8))
-    elif case == "missing":
-        video = inputs / "nothing.mp4"
-    elif case == "unwritable":
-        (tmp_path / "file").write_text("a file, not a folder")
-        output = tmp_path / "file" / "out"
-    elif case == "every":
-        extra = ["--every", "0"]
-    out = run_tool("demo.py", f"--config={config}", f"--video={video}", "--save-labels", "--output", str(output),
-                   *extra)
-    assert_one_line_error(out, *fragments)
-    assert not output.is_dir() or not any(output.iterdir())
-
-
 class FailingPredictor:
     """Predicts class k % 6 for frame k and fails at frame `fail_at`."""
 
@@ -135,10 +89,70 @@ class FailingPredictor:
         return np.full(image.shape[:2], (self.frames - 1) % 6, np.uint8)
 
 
+def mjpeg_avi(path: Path, codec: bytes = b"MJPG") -> Path:
+    """A 2-frame MJPEG AVI whose codec tag is then replaced by `codec`."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), FPS, (WIDTH, HEIGHT))
+    for value in (0, 255):
+        writer.write(np.full((HEIGHT, WIDTH, 3), value, np.uint8))
+    writer.release()
+    path.write_bytes(path.read_bytes().replace(b"MJPG", codec))
+    return path
+
+
+def bad_video(case: str, folder: Path) -> Path:
+    """A --video argument that is not a readable video: `case` says how."""
+    video = folder / {"empty": "empty.mp4", "text": "notes.mp4", "codec": "zzzz.avi", "image": "still.png",
+                      "missing": "nothing.mp4"}[case]
+    if case == "empty":
+        video.write_bytes(b"")
+    elif case == "text":
+        video.write_text("not a video\n" * 50)
+    elif case == "codec":
+        mjpeg_avi(video, b"ZZZZ")
+    elif case == "image":
+        cv2.imwrite(str(video), np.zeros((8, 8, 3), np.uint8))
+    return video
+
+
+@pytest.mark.parametrize("case, fragments", [
+    ("text", ["notes.mp4", "not a video file"]),
+    ("codec", ["zzzz.avi", "AVI file that OpenCV cannot decode"]),
+    ("unwritable", ["--output", "is not writable"]),
+])
+def test_bad_input_is_one_line_and_leaves_no_output(case, fragments, clip, config, tmp_path):
+    output = tmp_path / "out"
+    video = clip if case == "unwritable" else bad_video(case, tmp_path)
+    if case == "unwritable":
+        (tmp_path / "file").write_text("a file, not a folder")
+        output = tmp_path / "file" / "out"
+    out = run_tool("demo.py", f"--config={config}", f"--video={video}", "--save-labels", "--output", str(output))
+    assert_one_line_error(out, *fragments)
+    assert not output.is_dir() or not any(output.iterdir())
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty", "empty.mp4: file is empty"),
+    ("image", "still.png: is an image; segment it with --image"),
+    ("missing", "nothing.mp4: file not found"),
+])
+def test_more_files_that_are_not_videos_are_named(case, message, tmp_path):
+    with pytest.raises(DataError, match=message):
+        VideoReader(bad_video(case, tmp_path))
+
+
+def test_every_must_be_positive(clip, tmp_path):
+    with pytest.raises(UserError, match="--every 0: expected 1 or more"):
+        segment_video(FailingPredictor(0, RuntimeError), VideoReader(clip), tmp_path, np.zeros((6, 3), np.uint8),
+                      every=0)
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_a_failure_part_way_leaves_no_half_written_output_and_keeps_the_last_result(error, clip, tiny_toy,
                                                                                      tmp_path):
     colors = read_colors(str(tiny_toy / "toy_colors.txt"), 6)
+    (tmp_path / ".clip_overlay.tmp1.mp4").write_bytes(b"left by a killed run")
+    (tmp_path / ".clip_frames.tmp1").mkdir()
     written = segment_video(FailingPredictor(FRAMES, error), VideoReader(clip), tmp_path, colors, save_labels=True)
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     assert written == [tmp_path / "clip_overlay.mp4", tmp_path / "clip_frames"] and len(before) == FRAMES + 2

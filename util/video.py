@@ -13,15 +13,17 @@ holds the gray class ids of each segmented frame (index counts from 0 in the inp
 every=N segments frames 0, N, 2N, ... only; a frame in between shows the latest segmentation over
 its own picture, so the overlay keeps the input's length and timing.
 
-Both outputs are written under temporary names in the output folder and renamed when the whole
-video is done and the written file reads back with every frame: an error or an interruption leaves
-no half-written file, and an earlier result under the same names stays until then.
+Both outputs are written under hidden temporary names in the output folder and renamed when the
+whole video is done and the written file reads back with every frame: an error or an interruption
+(Ctrl-C) leaves no half-written file, and an earlier result under the same names stays until then.
+A killed process cannot clean up; the next run on the same video removes what it left.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -158,9 +160,15 @@ def overlay_frame(frame: np.ndarray, labels: np.ndarray, colors: np.ndarray, nam
     return out
 
 
-def temporary_name(final: Path) -> Path:
+def temporary_name(final: Path, pid: int | str) -> Path:
     """A hidden name beside `final` that keeps its suffix (OpenCV picks the container by it)."""
-    return final.with_name(f".{final.stem}.tmp{os.getpid()}{final.suffix}")
+    return final.with_name(f".{final.stem}.tmp{pid}{final.suffix}")
+
+
+def stale_temporaries(final: Path) -> list[Path]:
+    """Temporaries of `final` that a killed run left behind (SIGKILL and SIGTERM skip the clean-up)."""
+    pattern = re.compile(re.escape(temporary_name(final, "PID").name).replace("PID", r"\d+"))
+    return [p for p in final.parent.iterdir() if pattern.fullmatch(p.name)] if final.parent.is_dir() else []
 
 
 def remove(path: Path) -> None:
@@ -172,8 +180,11 @@ def remove(path: Path) -> None:
 
 @contextlib.contextmanager
 def staged(finals: Sequence[Path]) -> Iterator[list[Path]]:
-    """Temporary paths for `finals`, renamed to them when the block completes, removed when it fails."""
-    temporaries = [temporary_name(f) for f in finals]
+    """Temporary paths for `finals`, renamed to them when the block completes, removed when it fails
+    (and when a killed run left them)."""
+    for stale in (p for final in finals for p in stale_temporaries(final)):
+        remove(stale)
+    temporaries = [temporary_name(f, os.getpid()) for f in finals]
     try:
         yield temporaries
     except BaseException:
