@@ -101,8 +101,9 @@ class VideoReader:
                 container = container_of(path)
                 if container is None:
                     raise DataError(f"{where}: not a video file OpenCV can read (expected e.g. MP4, AVI, MKV)")
-                raise DataError(f"{where}: a {container} file that OpenCV cannot decode: damaged, or its codec "
-                                f"is missing from OpenCV's FFmpeg (convert it, e.g. ffmpeg -i in -c:v libx264 out.mp4)")
+                raise DataError(f"{where}: a {container} file that OpenCV cannot decode: damaged, or its "
+                                "codec is missing from OpenCV's FFmpeg (convert it, e.g. ffmpeg -i in -c:v libx264 "
+                                "out.mp4)")
             ok, self.first = self.capture.read()
         self.fourcc = fourcc_text(self.capture.get(cv2.CAP_PROP_FOURCC))
         if not ok:
@@ -160,14 +161,14 @@ def overlay_frame(frame: np.ndarray, labels: np.ndarray, colors: np.ndarray, nam
     return out
 
 
-def temporary_name(final: Path, pid: int | str) -> Path:
+def temporary_name(final: Path, pid: int) -> Path:
     """A hidden name beside `final` that keeps its suffix (OpenCV picks the container by it)."""
     return final.with_name(f".{final.stem}.tmp{pid}{final.suffix}")
 
 
 def stale_temporaries(final: Path) -> list[Path]:
     """Temporaries of `final` that a killed run left behind (SIGKILL and SIGTERM skip the clean-up)."""
-    pattern = re.compile(re.escape(temporary_name(final, "PID").name).replace("PID", r"\d+"))
+    pattern = re.compile(rf"\.{re.escape(final.stem)}\.tmp\d+{re.escape(final.suffix)}")  # temporary_name's
     return [p for p in final.parent.iterdir() if pattern.fullmatch(p.name)] if final.parent.is_dir() else []
 
 
@@ -237,8 +238,8 @@ def segment_video(predictor: FramePredictor, reader: VideoReader, output: Path, 
     if reader.announced and written != reader.announced:
         logger.warning("%s announces %d frames but %d could be decoded; the overlay has %d (the file may be "
                        "damaged or truncated)", reader.path, reader.announced, written, written)
-    logger.info("video %s: %d frames, %d segmented (every %d), %dx%d at %g frames/s", reader.path, written, segmented,
-                every, reader.width, reader.height, reader.fps)
+    logger.info("video %s: %d frames, %d segmented (every %d), %dx%d at %g frames/s", reader.path, written,
+                segmented, every, reader.width, reader.height, reader.fps)
     return finals
 
 
