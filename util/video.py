@@ -247,7 +247,7 @@ def run_frames(predictor: FramePredictor, reader: VideoReader, writer: cv2.Video
                colors: np.ndarray, names: Sequence[str], every: int, alpha: float) -> tuple[int, int]:
     """Segment, overlay and write every frame; return (frames written, frames segmented)."""
     progress, last_report = Progress(reader.announced), time.perf_counter()
-    labels, segmented, done = None, 0, 0
+    labels, segmented, done, reported = None, 0, 0, 0
     for done, frame in enumerate(reader, start=1):
         index = done - 1
         if index % every == 0:
@@ -258,8 +258,9 @@ def run_frames(predictor: FramePredictor, reader: VideoReader, writer: cv2.Video
         writer.write(overlay_frame(frame, labels, colors, names, alpha))
         if time.perf_counter() - last_report >= REPORT_SECONDS:
             log_progress(progress, done)
-            last_report = time.perf_counter()
-    log_progress(progress, done)
+            last_report, reported = time.perf_counter(), done
+    if reported != done:
+        log_progress(progress, done)
     return done, segmented
 
 
