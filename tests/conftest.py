@@ -31,6 +31,20 @@ def tiny_toy(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def checkpoint(tiny_toy, tmp_path_factory) -> Path:
+    """A random 6-class layers-18 PSPNet for write_config's configs, saved as semseg does:
+    {'state_dict': module.-prefixed keys}."""
+    from model import build_model
+    from util.config import load_config
+    folder = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    model = build_model(load_config(write_config(folder / "cfg.yaml", tiny_toy)))
+    path = folder / "model.pth"
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    return path
+
+
 def write_config(path: Path, data_root: Path, **sections) -> Path:
     """A layers-18 PSPNet config on `data_root`; keyword sections override (DATA={...}, TRAIN={...})."""
     import yaml

@@ -11,21 +11,8 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, run_tool, write_config
-from model import build_model
-from util.config import load_config
 
 SAMPLES = ("toy_val_00000", "toy_val_00001")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_toy, tmp_path_factory) -> Path:
-    """A random 6-class layers-18 PSPNet, saved as semseg does."""
-    folder = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(0)
-    model = build_model(load_config(write_config(folder / "cfg.yaml", tiny_toy)))
-    path = folder / "model.pth"
-    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
-    return path
 
 
 @pytest.fixture

@@ -10,22 +10,9 @@ import pytest
 import torch
 
 from conftest import run_tool, write_config
-from model import build_model
 from util.config import load_config
 
 TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_toy, tmp_path_factory):
-    """A random layers-18 PSPNet saved as semseg does: {'state_dict': module.-prefixed keys}."""
-    folder = tmp_path_factory.mktemp("ckpt")
-    cfg = load_config(write_config(folder / "cfg.yaml", tiny_toy))
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    path = folder / "model.pth"
-    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
-    return path
 
 
 def evaluate(tiny_toy, folder, checkpoint, *extra, launcher=None):

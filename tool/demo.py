@@ -1,12 +1,15 @@
-"""Segment one image or a folder of images: gray, colour and overlay PNGs.
+"""Segment one image or a folder of images: gray, colour and overlay PNGs; or a video file.
 
   python tool/demo.py --config=config/toy/toy_pspnet18.yaml --image=dataset/toy/images/val/toy_val_00000.jpg
   python tool/demo.py --config=config/ade20k/ade20k_pspnet50.yaml --image=photos/ TEST.scales '[1.0]'
+  python tool/demo.py --config=config/toy/toy_pspnet18.yaml --video=drive.mp4 --every 5 --save-labels
 
 Uses TEST.model_path (or the ONNX file TEST.onnx_path), TEST.scales, TEST.base_size, the window
 TEST.test_h x test_w and TEST.colors_path; writes <output>/<name>_gray.png, _color.png and
 _overlay.png (default output: TEST.save_folder/demo) and prints each path. Segmentation goes
 through util.predictor.Predictor. CUDA when available (ONNX files run on the CPU), else CPU.
+--video writes <output>/<stem>_overlay.mp4 (same frame count, rate and size; a legend of the
+classes present; no audio) and with --save-labels <stem>_frames/<index:06d>.png: see util/video.py.
 """
 from __future__ import annotations
 
@@ -23,12 +26,12 @@ from util.checkpoint import check_writable  # noqa: E402
 from util.cli import Progress, run_main, setup_logging  # noqa: E402
 from util.config import add_config_arguments, load_config  # noqa: E402
 from util.errors import ConfigError, DataError  # noqa: E402
-from util.image_io import read_image_rgb  # noqa: E402
-from util.palette import colorize, read_colors, write_png  # noqa: E402
+from util.image_io import IMAGE_SUFFIXES, read_image_rgb  # noqa: E402
+from util.palette import colorize, read_colors, read_names, write_png  # noqa: E402
 from util.predictor import Predictor  # noqa: E402
+from util.video import VideoReader, segment_video  # noqa: E402
 
 logger = logging.getLogger("demo")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def find_images(path: Path) -> list[Path]:
@@ -45,7 +48,11 @@ def find_images(path: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image", required=True, help="an image file or a folder of images")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="an image file or a folder of images")
+    source.add_argument("--video", help="a video file (OpenCV reads it): writes <stem>_overlay.mp4")
+    parser.add_argument("--every", type=int, default=1, help="--video: segment every Nth frame only")
+    parser.add_argument("--save-labels", action="store_true", help="--video: also <stem>_frames/<index>.png")
     parser.add_argument("--output", default="", help="output folder (default TEST.save_folder/demo)")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the colour mask in the overlay")
     add_config_arguments(parser)
@@ -55,11 +62,16 @@ def main() -> None:
     if not cfg.colors_path:
         raise ConfigError("TEST.colors_path is not set: the demo needs class colours for its PNGs")
     colors = read_colors(cfg.colors_path, cfg.classes)
-    images = find_images(Path(args.image))
+    video = VideoReader(Path(args.video)) if args.video else None
+    images = [] if video else find_images(Path(args.image))
     output = Path(args.output or Path(cfg.save_folder) / "demo")
     check_writable(output, "--output")
 
     predictor = Predictor.from_config(cfg)
+    if video:
+        names = read_names(cfg.names_path, cfg.classes) if cfg.names_path else None
+        for path in segment_video(predictor, video, output, colors, names, args.every, args.save_labels, args.alpha):
+            print(path)
     progress = Progress(len(images))
     for done, path in enumerate(images, start=1):
         image = read_image_rgb(str(path))

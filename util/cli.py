@@ -138,10 +138,15 @@ class Progress:
         self.start = start
         self.t0 = time.perf_counter()
 
+    def rate(self, done: int) -> float:
+        """Items per second, measured on the items done since this object was made."""
+        elapsed = time.perf_counter() - self.t0
+        return (done - self.start) / elapsed if elapsed > 0 else 0.0
+
     def line(self, done: int) -> str:
         """`done/total elapsed ETA`, the rate measured on the items done since this object was made."""
         elapsed = time.perf_counter() - self.t0
-        rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
+        rate = self.rate(done)
         eta = (self.total - done) / rate if rate > 0 else 0.0
         return f"{done}/{self.total} elapsed {format_duration(elapsed)} ETA {format_duration(eta)}"
 

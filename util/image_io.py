@@ -14,6 +14,7 @@ from util.errors import DataError
 # Failures are reported once, by name, as DataErrors; OpenCV's own warnings would add stray lines.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}  # what tool/demo.py takes as images
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _JPEG_START_OF_SCAN = b"\xff\xda"
 _JPEG_END_OF_IMAGE = b"\xff\xd9"
