@@ -66,7 +66,7 @@ def fetch_source(source: Source, url: str) -> Path:
         try:
             return Path(hf_hub_download(repo, file))
         except OSError as error:  # huggingface_hub's offline, HTTP and not-found errors are all OSErrors
-            raise DownloadError(f"{url} ({str(error).splitlines()[0]})") from None
+            raise DownloadError(f"--source {source.name}", url, str(error).splitlines()[0]) from None
     key = f"--source {source.name}"
     path = fetch_url(url, key, sha256_prefix=source.digest if source.hash_kind == "sha256-prefix" else None,
                      hash_in_name=False)
@@ -107,7 +107,11 @@ def fetch_mirror(url: str) -> tuple[Path, str]:
         verify_zip_member_sha1(path, known.digest, f"--url {url}", remove=True)
         return path, f"{known.name} (mirror)"
     prefix = known.digest if known is not None else named_hash(name)
-    path = fetch_url(url, "--url", sha256_prefix=prefix, hash_in_name=False)
+    try:
+        path = fetch_url(url, "--url", sha256_prefix=prefix, hash_in_name=False)
+    except DownloadError as error:
+        raise UserError(f"--url: cannot download {url} ({error.reason}); download it by hand and run "
+                        f"python tool/prepare_weights.py --layers N --from-file F") from None
     if prefix is None:
         logger.warning("--url %s is not verified: its name carries no hash", url)
     return path, f"{known.name} (mirror)" if known is not None else "--url"
@@ -127,7 +131,7 @@ def fetch_first(layers: int, name: str | None) -> tuple[Path, Source]:
             try:
                 return fetch_source(source, url), source
             except DownloadError as error:
-                failures.append(str(error))
+                failures.append(f"{error.url} ({error.reason})")
             except CheckpointError as error:  # a copy that fails its hash: another source may still do
                 failures.append(f"{url} ({error})")
     raise UserError(f"no ImageNet weights for ResNet-{layers} could be fetched; tried {'; '.join(failures)}. "

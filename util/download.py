@@ -31,6 +31,11 @@ READ_CHUNK = 1 << 20
 class DownloadError(CheckpointError):
     """A URL that could not be fetched (offline, refused, not found): worth trying another one."""
 
+    def __init__(self, config_key: str, url: str, reason: str):
+        self.url, self.reason = url, reason
+        super().__init__(f"{config_key}: cannot download {url} ({reason}); check the network, or download the "
+                         f"file yourself and give its local path")
+
 
 def is_url(value: str | Path) -> bool:
     return isinstance(value, str) and urlparse(value).scheme in URL_SCHEMES
@@ -85,7 +90,7 @@ def fetch_url(url: str, config_key: str, sha256_prefix: str | None = None, hash_
             raise CheckpointError(f"{config_key}: {url} was refused and deleted: its sha256 does not start with "
                                   f"{expected}, the hash its name promises (a damaged or tampered copy)") from None
         except (URLError, socket.timeout, ConnectionError, OSError) as error:
-            raise DownloadError(f"{url} ({_reason(error)})") from None
+            raise DownloadError(config_key, url, _reason(error)) from None
     if expected is not None:
         verify_digest(path, "sha256", expected, f"{config_key}: {url}", remove=True)
     return path
