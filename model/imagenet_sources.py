@@ -106,7 +106,7 @@ def describe_sources() -> str:
     """The table as text, one source a block."""
     lines = []
     for s in SOURCES:
-        where = f"{s.hub_file[0]} {s.hub_file[1]} (huggingface_hub)" if s.hub_file else "\n      ".join(s.urls)
+        where = "\n      ".join(s.urls) + (f" (huggingface_hub: {s.hub_file[0]}, {s.hub_file[1]})" if s.hub_file else "")
         check = {"sha256-prefix": f"sha256 starts with {s.digest}", "sha1": f"sha1 of the .pth inside: {s.digest}",
                  "none": "no published hash: used only with --source " + s.name}[s.hash_kind]
         top1 = f"{s.top1:.2f}" if s.top1 is not None else "not published"

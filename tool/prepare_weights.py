@@ -98,21 +98,20 @@ def verify_known_file(path: Path, remove: bool) -> Source | None:
     return source
 
 
-def fetch_mirror(url: str) -> tuple[Path, str]:
+def fetch_mirror(url: str, layers: int) -> tuple[Path, str]:
     """--url: verified by the known source of that file name, else by the sha256 prefix in its name."""
     name = url_file_name(url)
     known = source_of_file(name)
-    if known is not None and known.hash_kind == "sha1":
-        path = fetch_url(url, "--url", hash_in_name=False)
-        verify_zip_member_sha1(path, known.digest, f"--url {url}", remove=True)
-        return path, f"{known.name} (mirror)"
-    prefix = known.digest if known is not None else named_hash(name)
+    by_sha1 = known is not None and known.hash_kind == "sha1"
+    prefix = None if by_sha1 else known.digest if known is not None else named_hash(name)
     try:
         path = fetch_url(url, "--url", sha256_prefix=prefix, hash_in_name=False)
     except DownloadError as error:
         raise UserError(f"--url: cannot download {url} ({error.reason}); download it by hand and run "
-                        f"python tool/prepare_weights.py --layers N --from-file F") from None
-    if prefix is None:
+                        f"python tool/prepare_weights.py --layers {layers} --from-file F") from None
+    if by_sha1:
+        verify_zip_member_sha1(path, known.digest, f"--url {url}", remove=True)
+    elif prefix is None:
         logger.warning("--url %s is not verified: its name carries no hash", url)
     return path, f"{known.name} (mirror)" if known is not None else "--url"
 
@@ -149,12 +148,12 @@ def main(argv: list[str] | None = None) -> None:
     output = args.output or REPO_ROOT / SEMSEG_IMAGENET_FILE.format(layers=args.layers)
     check_writable(output.parent, "--output")
     if args.from_file is not None:
-        path, origin = args.from_file, f"--from-file {args.from_file}"
+        path, origin = args.from_file, "--from-file"
         weights = read_weight_file(path, origin)
         source = verify_known_file(path, remove=False)
     else:
         if args.url is not None:
-            path, origin = fetch_mirror(args.url)
+            path, origin = fetch_mirror(args.url, args.layers)
             source = source_of_file(url_file_name(args.url))
         else:
             path, source = fetch_first(args.layers, args.source)
@@ -163,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     state = convert_imagenet_weights(weights, args.layers, path)
     atomic_save(state, output)
     top1 = f"{source.top1:.2f}" if source is not None and source.top1 is not None else "not published"
-    logger.info("source %s: %s, sha256 %s, ImageNet top-1 %s", origin, path, file_digest(path), top1)
+    logger.info("source %s, file %s, sha256 %s, ImageNet top-1 %s", origin, path, file_digest(path), top1)
     logger.info("wrote %s (%d tensors, ResNet-%d in semseg's layout); tool/train.py reads it as "
                 "TRAIN.pretrained_backbone", output, len(state), args.layers)
 
