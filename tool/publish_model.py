@@ -69,9 +69,7 @@ def flat(config: dict) -> SimpleNamespace:
 
 def check_fits(state: dict, cfg: SimpleNamespace, path: Path) -> None:
     """The weights must be exactly the network the config describes, or the card would lie."""
-    with torch.device("meta"):
-        model = build_model(cfg)
-    load_model_state(model, {"state_dict": state}, path, "checkpoint", strict=True)
+    load_model_state(build_model(cfg), {"state_dict": state}, path, "checkpoint", strict=True)
 
 
 def dataset_name(path: Path, cfg: SimpleNamespace, given: str | None) -> str:
