@@ -125,7 +125,8 @@ def convert_imagenet_weights(state: StateDict, layers: int, path: str | Path) ->
                  and _default_statistics(renamed, key.rpartition(".")[0])]
     if untouched:
         raise CheckpointError(f"{path}: {len(untouched)} BatchNorm layer(s) still have their initial statistics "
-                              f"(mean 0, variance 1), so they were never trained: {', '.join(untouched[:LISTED_NAMES])}")
+                              f"(mean 0, variance 1), so they were never trained: "
+                              f"{', '.join(untouched[:LISTED_NAMES])}")
     return {key: renamed[key].contiguous() for key in targets if key in renamed}
 
 

@@ -42,7 +42,8 @@ class Source:
 TIMM_RELEASE = "https://github.com/rwightman/pytorch-pretrained-gluonresnet/releases/download/v0.1/"
 TIMM_FOUND_IN = ("huggingface/pytorch-image-models timm/models/resnet.py (resnet<N>s.gluon_in1k) and "
                  "hfdocs/source/models/gloun-resnet.mdx (top-1)")
-ENCODING_MIRRORS = ("https://s3.us-west-1.wasabisys.com/encoding/models/", "https://hangzh.s3.amazonaws.com/encoding/models/")
+ENCODING_MIRRORS = ("https://s3.us-west-1.wasabisys.com/encoding/models/",
+                    "https://hangzh.s3.amazonaws.com/encoding/models/")
 ENCODING_FOUND_IN = "zhanghang1989/PyTorch-Encoding encoding/models/model_store.py (_model_sha1)"
 CSAIL_MODELS = "http://sceneparsing.csail.mit.edu/model/pretrained_resnet/"
 CSAIL_FOUND_IN = "CSAILVision/semantic-segmentation-pytorch mit_semseg/models/resnet.py (model_urls)"
@@ -106,7 +107,8 @@ def describe_sources() -> str:
     """The table as text, one source a block."""
     lines = []
     for s in SOURCES:
-        where = "\n      ".join(s.urls) + (f" (huggingface_hub: {s.hub_file[0]}, {s.hub_file[1]})" if s.hub_file else "")
+        hub = f" (huggingface_hub: {s.hub_file[0]}, {s.hub_file[1]})" if s.hub_file else ""
+        where = "\n      ".join(s.urls) + hub
         check = {"sha256-prefix": f"sha256 starts with {s.digest}", "sha1": f"sha1 of the .pth inside: {s.digest}",
                  "none": "no published hash: used only with --source " + s.name}[s.hash_kind]
         top1 = f"{s.top1:.2f}" if s.top1 is not None else "not published"

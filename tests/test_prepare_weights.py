@@ -92,7 +92,8 @@ def test_each_layout_converts_to_exactly_our_keys_and_tensors(source_state, kind
     layers, state = source_state
     path = write_source(state, kind, tmp_path)
     converted = convert_imagenet_weights(read_weight_file(path), layers, path)
-    expected_keys = [line.split()[0] for line in (KEYS / f"resnet{layers}_deepstem_imagenet.keys").read_text().splitlines()]
+    reference = (KEYS / f"resnet{layers}_deepstem_imagenet.keys").read_text().splitlines()
+    expected_keys = [line.split()[0] for line in reference]
     assert list(converted) == expected_keys
     for key, value in state.items():
         assert converted[key].dtype == value.dtype and torch.equal(converted[key], value), key

@@ -120,7 +120,8 @@ def fetch_first(layers: int, name: str | None) -> tuple[Path, Source]:
     """The first source of that depth whose file can be fetched and verified."""
     candidates = sources_for(layers, name)
     if not candidates:
-        which = f"source {name} has no ResNet-{layers}" if name else f"no source with a published hash has ResNet-{layers}"
+        which = (f"source {name} has no ResNet-{layers}" if name
+                 else f"no source with a published hash has ResNet-{layers}")
         others = sorted({s.name for s in SOURCES if s.layers == layers})
         raise UserError(f"{which} (sources for it: {', '.join(others) or 'none'}; see --list); "
                         f"or run python tool/prepare_weights.py --layers {layers} --from-file F")

@@ -24,7 +24,6 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from model import build_model  # noqa: E402
@@ -33,7 +32,7 @@ from util.checkpoint import EPOCH_FILE, atomic_save, check_writable, with_module
 from util.cli import run_main, setup_logging  # noqa: E402
 from util.config import load_config  # noqa: E402
 from util.download import file_digest  # noqa: E402
-from util.errors import CheckpointError, UserError  # noqa: E402
+from util.errors import UserError  # noqa: E402
 from util.experiment import result_folder  # noqa: E402
 
 logger = logging.getLogger("publish_model")
@@ -81,7 +80,7 @@ def dataset_name(path: Path, cfg: SimpleNamespace, given: str | None) -> str:
     return Path(cfg.data_root).name or "model"
 
 
-def experiment_metrics(path: Path, cfg: SimpleNamespace) -> list[Path]:
+def experiment_metrics(path: Path) -> list[Path]:
     """metrics.json files of evaluations of this checkpoint in its experiment folder."""
     folder = path.resolve().parent
     if folder.name != "model":
@@ -103,7 +102,7 @@ def read_metrics(paths: list[Path]) -> list[dict]:
     return found
 
 
-def evaluation_config(cfg: SimpleNamespace, metrics: list[dict], dataset: str, arch: str) -> str:
+def evaluation_config(metrics: list[dict], dataset: str, arch: str) -> str:
     """The YAML to evaluate with: the one the recorded evaluation used, else the shipped one."""
     for entry in metrics:
         if entry.get("config"):
@@ -154,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     check_fits(state, cfg, args.checkpoint)
     dataset = dataset_name(args.checkpoint, cfg, args.dataset)
     arch = f"{cfg.arch}net{cfg.layers}"
-    metrics = read_metrics(args.metrics or experiment_metrics(args.checkpoint, cfg))
+    metrics = read_metrics(args.metrics or experiment_metrics(args.checkpoint))
     check_writable(args.output, "--output")
     temporary = args.output / f".{dataset}_{arch}.publishing{os.getpid()}.pth"
     atomic_save({"state_dict": with_module_prefix(state)}, temporary)
@@ -165,8 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     if epoch is None and (found := EPOCH_FILE.match(args.checkpoint.name)):
         epoch = int(found.group(1))
     card = args.output / f"{Path(name).stem}.md"
-    card.write_text(model_card(name, sha256, cfg, config, epoch, metrics,
-                               evaluation_config(cfg, metrics, dataset, f"{cfg.arch}net{cfg.layers}")), encoding="utf-8")
+    evaluate_with = evaluation_config(metrics, dataset, arch)
+    card.write_text(model_card(name, sha256, cfg, config, epoch, metrics, evaluate_with), encoding="utf-8")
     logger.info("wrote %s (sha256 %s, %d tensors) and its model card %s; %d evaluation(s) reported",
                 args.output / name, sha256, len(state), card, len(metrics))
 

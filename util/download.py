@@ -73,9 +73,10 @@ def fetch_url(url: str, config_key: str, sha256_prefix: str | None = None, hash_
     name = url_file_name(url)
     expected = sha256_prefix or (named_hash(name) if hash_in_name else None)
     if expected is None and hash_in_name:
+        suffix = Path(name).suffix or ".pth"
         raise CheckpointError(f"{config_key}: {url} carries no hash in its file name, so its content cannot be "
-                              f"verified; name it <name>-<first 8+ hex digits of its sha256>{Path(name).suffix or '.pth'}"
-                              f" (tool/publish_model.py does) or download it yourself and give the local path")
+                              f"verified; name it <name>-<first 8+ hex digits of its sha256>{suffix} "
+                              f"(tool/publish_model.py does) or download it yourself and give the local path")
     path = cache_folder() / name
     if path.is_file():
         logger.info("%s: using the cached copy %s of %s", config_key, path, url)
