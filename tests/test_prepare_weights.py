@@ -6,8 +6,10 @@ The source files are written by the tests from a seeded random deep-stem ResNet 
 no real download is made (only an http.server on 127.0.0.1)."""
 import functools
 import hashlib
+import http.server
 import re
 import subprocess
+import threading
 import zipfile
 from pathlib import Path
 
@@ -287,12 +289,56 @@ def test_list_prints_every_source_url_and_hash(capsys):
         assert all(url in printed for url in source.urls) and (source.digest or "no published hash") in printed
 
 
-def test_hub_copy_safetensors_and_csail_resnet18(tmp_path):
-    """The hub's model.safetensors (timm layout) and CSAIL's deep-stem ResNet-18 (BasicBlock) convert;
-    the hub download itself goes through huggingface_hub and is not exercised offline."""
+def test_csail_deep_stem_resnet18_converts(tmp_path):
     state18 = imagenet_state(18)
     path = write_source(state18, "csail", tmp_path, "resnet18-imagenet.pth")
     converted = convert_imagenet_weights(read_weight_file(path), 18, path)
-    assert all(torch.equal(converted[k], state18[k]) for k in state18)
-    hub = write_source(imagenet_state(50), "timm-safetensors", tmp_path)
-    assert convert_imagenet_weights(read_weight_file(hub), 50, hub).keys() == imagenet_state(50).keys()
+    assert converted.keys() == state18.keys() and all(torch.equal(converted[k], state18[k]) for k in state18)
+
+
+def hub_handler(files: dict):
+    """Answers huggingface_hub's HEAD and GET of <endpoint>/<repo>/resolve/main/<file> as the hub does
+    (ETag, X-Repo-Commit); 404 for anything else."""
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def _headers(self) -> bytes | None:
+            body = files.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            if body is not None:
+                self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+                self.send_header("X-Repo-Commit", "0" * 40)
+                self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            return body
+
+        def do_HEAD(self):
+            self._headers()
+
+        def do_GET(self):
+            body = self._headers()
+            if body is not None:
+                self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    return Hub
+
+
+def test_hub_copy_is_fetched_by_huggingface_hub_and_converted(tmp_path):
+    """--source timm-hub against a stand-in for the hub on 127.0.0.1 (HF_ENDPOINT)."""
+    state = imagenet_state(50)
+    safetensors = write_source(state, "timm-safetensors", tmp_path / "site")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), hub_handler(
+        {"/timm/resnet50s.gluon_in1k/resolve/main/model.safetensors": safetensors.read_bytes()}))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    output = tmp_path / "r50.pth"
+    try:
+        out = run_tool("prepare_weights.py", "--layers", "50", "--source", "timm-hub", "--output", str(output),
+                       env={"HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+                            "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"sha256 {sha256(safetensors)}" in out.stdout and "top-1 78.70" in out.stdout
+    written = torch.load(output, weights_only=True)
+    assert written.keys() == state.keys() and all(torch.equal(written[k], state[k]) for k in state)
