@@ -342,3 +342,30 @@ def test_hub_copy_is_fetched_by_huggingface_hub_and_converted(tmp_path):
     assert f"sha256 {sha256(safetensors)}" in out.stdout and "top-1 78.70" in out.stdout
     written = torch.load(output, weights_only=True)
     assert written.keys() == state.keys() and all(torch.equal(written[k], state[k]) for k in state)
+
+
+def test_encoding_zip_is_verified_by_the_sha1_of_the_pth_inside(tmp_path, monkeypatch, capsys):
+    """The default route: the first source fails offline, the next (Encoding's zip, checked by its
+    published sha1) is fetched from the local server; a zip under a known name whose .pth does not
+    match is refused and deleted."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    state = imagenet_state(50)
+    site = tmp_path / "site"
+    honest = write_source(state, "encoding", site, "resnet50s-honest.zip")
+    with zipfile.ZipFile(honest) as archive:
+        sha1 = hashlib.sha1(archive.read("resnets.pth")).hexdigest()
+    write_source(dict(state, **{"fc.bias": torch.ones(1000)}), "encoding", site, "resnet50s-a75c83cf.zip")
+    with serve_folder(site) as base:
+        with pytest.raises(CheckpointError, match="refused and deleted: the sha1 of its resnets.pth is not a75c83cf"):
+            prepare_weights.main(["--layers", "50", "--url", f"{base}/resnet50s-a75c83cf.zip",
+                                  "--output", str(tmp_path / "other.pth")])
+        offline = closed_port_url("gluon_resnet50_v1s-1762acc0.pth")
+        monkeypatch.setattr(imagenet_sources, "SOURCES", (
+            Source("timm-gluon", 50, (offline,), "timm", "sha256-prefix", "1762acc0", "", 78.7, ""),
+            Source("encoding", 50, (f"{base}/resnet50s-honest.zip",), "timm", "sha1", sha1, "MIT", None, "")))
+        prepare_weights.main(["--layers", "50", "--output", str(tmp_path / "r50.pth")])
+    written = torch.load(tmp_path / "r50.pth", weights_only=True)
+    assert all(torch.equal(written[k], state[k]) for k in state)
+    assert "source encoding (resnet50s-honest.zip)" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "torch" / "hub" / "checkpoints").iterdir()) == ["resnet50s-honest.zip"]
+    assert not (tmp_path / "other.pth").exists()

@@ -60,18 +60,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def fetch_source(source: Source, url: str) -> Path:
     """The verified local copy of one source's file (DownloadError when it cannot be fetched)."""
-    if source.hub_file is not None:
-        from huggingface_hub import hf_hub_download  # only this source needs it
-        repo, file = source.hub_file
-        try:
-            return Path(hf_hub_download(repo, file))
-        except OSError as error:  # huggingface_hub's offline, HTTP and not-found errors are all OSErrors
-            raise DownloadError(f"--source {source.name}", url, str(error).splitlines()[0]) from None
-    key = f"--source {source.name}"
-    path = fetch_url(url, key, sha256_prefix=source.digest if source.hash_kind == "sha256-prefix" else None,
-                     hash_in_name=False)
-    if source.hash_kind == "sha1":
-        verify_zip_member_sha1(path, source.digest, f"{key}: {url}", remove=True)
+    if source.hub_file is None:
+        return download(url, f"--source {source.name}", source)
+    from huggingface_hub import hf_hub_download  # only this source needs it
+    try:
+        return Path(hf_hub_download(*source.hub_file))
+    except OSError as error:  # huggingface_hub's offline, HTTP and not-found errors are all OSErrors
+        raise DownloadError(f"--source {source.name}", url, str(error).splitlines()[0]) from None
+
+
+def download(url: str, what: str, source: Source | None) -> Path:
+    """`url` through torch.hub's cache, checked by the hash its source publishes; with no known
+    source, by a sha256 prefix in the file name when there is one (else not at all: logged)."""
+    by_sha1 = source is not None and source.hash_kind == "sha1"
+    prefix = None if by_sha1 else source.digest if source is not None else named_hash(url_file_name(url))
+    path = fetch_url(url, what, sha256_prefix=prefix, hash_in_name=False)  # torch.hub checks the sha256 prefix
+    if by_sha1:
+        verify_zip_member_sha1(path, source.digest, f"{what}: {url}", remove=True)
+    elif prefix is None:
+        logger.warning("%s %s is not verified: nothing is published to check it against; sha256 %s", what, url,
+                       file_digest(path))
     return path
 
 
@@ -88,32 +96,24 @@ def verify_zip_member_sha1(path: Path, sha1: str, what: str, remove: bool) -> No
                                   f"its {member.name} is not {sha1}, the published hash") from None
 
 
-def verify_known_file(path: Path, remove: bool) -> Source | None:
-    """A file bearing a known source's name is checked against that source's hash."""
+def verify_known_file(path: Path) -> Source | None:
+    """A file of the user's bearing a known source's name is checked against that source's hash
+    (and left in place when it fails)."""
     source = source_of_file(path.name)
     if source is not None and source.hash_kind == "sha256-prefix":
-        verify_digest(path, "sha256", source.digest, str(path), remove)
+        verify_digest(path, "sha256", source.digest, str(path), remove=False)
     elif source is not None and source.hash_kind == "sha1":
-        verify_zip_member_sha1(path, source.digest, str(path), remove)
+        verify_zip_member_sha1(path, source.digest, str(path), remove=False)
     return source
 
 
-def fetch_mirror(url: str, layers: int) -> tuple[Path, str]:
-    """--url: verified by the known source of that file name, else by the sha256 prefix in its name."""
-    name = url_file_name(url)
-    known = source_of_file(name)
-    by_sha1 = known is not None and known.hash_kind == "sha1"
-    prefix = None if by_sha1 else known.digest if known is not None else named_hash(name)
+def fetch_mirror(url: str, layers: int) -> Path:
+    """--url, checked as its file name's source (when known) or its name's hash suffix say."""
     try:
-        path = fetch_url(url, "--url", sha256_prefix=prefix, hash_in_name=False)
+        return download(url, "--url", source_of_file(url_file_name(url)))
     except DownloadError as error:
         raise UserError(f"--url: cannot download {url} ({error.reason}); download it by hand and run "
                         f"python tool/prepare_weights.py --layers {layers} --from-file F") from None
-    if by_sha1:
-        verify_zip_member_sha1(path, known.digest, f"--url {url}", remove=True)
-    elif prefix is None:
-        logger.warning("--url %s is not verified: its name carries no hash", url)
-    return path, f"{known.name} (mirror)" if known is not None else "--url"
 
 
 def fetch_first(layers: int, name: str | None) -> tuple[Path, Source]:
@@ -151,11 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.from_file is not None:
         path, origin = args.from_file, "--from-file"
         weights = read_weight_file(path, origin)
-        source = verify_known_file(path, remove=False)
+        source = verify_known_file(path)
     else:
         if args.url is not None:
-            path, origin = fetch_mirror(args.url, args.layers)
-            source = source_of_file(url_file_name(args.url))
+            path, source = fetch_mirror(args.url, args.layers), source_of_file(url_file_name(args.url))
+            origin = f"{source.name} (mirror {args.url})" if source is not None else f"--url {args.url}"
         else:
             path, source = fetch_first(args.layers, args.source)
             origin = f"{source.name} ({source.hub_file[0] if source.hub_file else path.name})"
