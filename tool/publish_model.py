@@ -98,7 +98,7 @@ def read_metrics(paths: list[Path]) -> list[dict]:
             raise UserError(f"--metrics: {path} is not a readable metrics.json of tool/test.py ({error})") from None
         if not isinstance(data, dict) or not all(key in data for key in SCORES):
             raise UserError(f"--metrics: {path} lacks {', '.join(SCORES)}; expected a metrics.json of tool/test.py")
-        found.append({"path": path, **data})
+        found.append({**data, "path": path})
     return found
 
 
@@ -128,7 +128,7 @@ def model_card(name: str, sha256: str, cfg: SimpleNamespace, config: dict, epoch
         lines += ["| evaluation | images | scales | flip | mIoU | mAcc | allAcc |", "|---|---|---|---|---|---|---|"]
         for m in metrics:
             scores = " | ".join(f"{m[key]:.4f}" if m[key] is not None else "n/a" for key in SCORES)
-            lines.append(f"| {m['path']} | {m.get('images', '?')} | {m.get('scales', '?')} | {m.get('flip', '?')} "
+            lines.append(f"| {'/'.join(m['path'].parts[-4:-1])} | {m.get('images', '?')} | {m.get('scales', '?')} | {m.get('flip', '?')} "
                          f"| {scores} |")
     else:
         lines.append("No metrics.json of tool/test.py was found for this checkpoint (give --metrics).")
@@ -139,7 +139,7 @@ def model_card(name: str, sha256: str, cfg: SimpleNamespace, config: dict, epoch
               "The file holds {'state_dict': ...} (keys prefixed 'module.', as semseg saved them) and no optimizer; "
               "it loads with torch.load(weights_only=True). Loaded by URL, it is downloaded once into torch.hub's "
               f"cache and its sha256 must start with {sha256[:HASH_DIGITS]}, the hash in its name.", "",
-              "## Training config", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
+              "## Training config", "", "```yaml", yaml.safe_dump(config, sort_keys=False, default_flow_style=None).rstrip(), "```", ""]
     return "\n".join(lines)
 
 
