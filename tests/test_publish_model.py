@@ -10,6 +10,7 @@ import torch
 
 from conftest import assert_one_line_error, closed_port_url, run_tool, serve_folder, write_config
 from model import build_model
+from model.weights import load_model_weights
 from tool import publish_model
 from util.checkpoint import with_module_prefix
 from util.config import load_config
@@ -59,6 +60,9 @@ def test_publish_then_load_by_url_gives_the_same_predictions(experiment, tmp_pat
     with serve_folder(release) as base:
         remote = Predictor.from_config(config, ["TEST.model_path", f"{base}/{published.name}"], device="cpu")
     assert (tmp_path / "torch" / "hub" / "checkpoints" / published.name).is_file()
+    fine_tune = build_model(load_config(config))  # TRAIN.weight by URL: the same file, from the cache now
+    load_model_weights(fine_tune, f"http://127.0.0.1:9/{published.name}", "TRAIN.weight")
+    assert all(torch.equal(a, b) for a, b in zip(fine_tune.state_dict().values(), local.network.state_dict().values()))
     with torch.no_grad():
         assert torch.equal(local.network(x), remote.network(x))
 
