@@ -22,7 +22,9 @@ import model.imagenet_sources as imagenet_sources
 from conftest import assert_one_line_error, closed_port_url, run_tool, serve_folder
 from model.imagenet_convert import TIMM_STEM, convert_imagenet_weights, read_weight_file
 from model.imagenet_sources import SOURCES, Source, describe_sources
+from model.pspnet import PSPNet
 from model.resnet import build_resnet
+from model.weights import load_backbone_weights
 from tool import prepare_weights
 from util.errors import CheckpointError, UserError
 
@@ -104,19 +106,32 @@ def test_each_layout_converts_to_exactly_our_keys_and_tensors(source_state, kind
         assert converted[key].dtype == value.dtype and torch.equal(converted[key], value), key
 
 
+def _bn(source, t, name):
+    return F.batch_norm(t, source[f"{name}.running_mean"], source[f"{name}.running_var"],
+                        source[f"{name}.weight"], source[f"{name}.bias"], False, 0.0, 1e-5)
+
+
+def _conv(source, t, name, stride=1, padding=0):
+    return F.conv2d(t, source[f"{name}.weight"], stride=stride, padding=padding)
+
+
+def reference_stem(source: dict, x: torch.Tensor) -> torch.Tensor:
+    """The deep stem computed straight from timm-layout keys (conv1.0 ... conv1.6, bn1), without model/ code."""
+    x = F.relu(_bn(source, _conv(source, x, "conv1.0", 2, 1), "conv1.1"))
+    x = F.relu(_bn(source, _conv(source, x, "conv1.3", 1, 1), "conv1.4"))
+    x = F.relu(_bn(source, _conv(source, x, "conv1.6", 1, 1), "bn1"))
+    return F.max_pool2d(x, 3, 2, 1)
+
+
 def reference_features(source: dict, x: torch.Tensor) -> torch.Tensor:
-    """ResNet-50 features computed straight from timm-layout keys, without model/ code."""
+    """ResNet-50 features (stride 32) from timm-layout keys, without model/ code."""
     def bn(t, name):
-        return F.batch_norm(t, source[f"{name}.running_mean"], source[f"{name}.running_var"],
-                            source[f"{name}.weight"], source[f"{name}.bias"], False, 0.0, 1e-5)
+        return _bn(source, t, name)
 
     def conv(t, name, stride=1, padding=0):
-        return F.conv2d(t, source[f"{name}.weight"], stride=stride, padding=padding)
+        return _conv(source, t, name, stride, padding)
 
-    x = F.relu(bn(conv(x, "conv1.0", 2, 1), "conv1.1"))
-    x = F.relu(bn(conv(x, "conv1.3", 1, 1), "conv1.4"))
-    x = F.relu(bn(conv(x, "conv1.6", 1, 1), "bn1"))
-    x = F.max_pool2d(x, 3, 2, 1)
+    x = reference_stem(source, x)
     for stage, (blocks, stride) in enumerate(zip((3, 4, 6, 3), (1, 2, 2, 2)), start=1):
         for b in range(blocks):
             p = f"layer{stage}.{b}"
@@ -136,8 +151,13 @@ def test_converted_weights_compute_the_source_layouts_features(tmp_path):
     network = build_resnet(50, deep_stem=True).eval()
     network.load_state_dict(convert_imagenet_weights(read_weight_file(path), 50, path))
     x = torch.randn(1, 3, 33, 33, generator=torch.Generator().manual_seed(1))
+    converted = tmp_path / "resnet50_v2.pth"
+    prepare_weights.main(["--layers", "50", "--from-file", str(path), "--output", str(converted)])
+    segmentation = PSPNet(layers=50, classes=2).eval()  # as tool/train.py loads initmodel/
+    assert load_backbone_weights(segmentation, converted, "TRAIN.pretrained_backbone").clean()
     with torch.no_grad():
         torch.testing.assert_close(network.forward_features(x), reference_features(source, x))
+        torch.testing.assert_close(segmentation.layer0(x), reference_stem(source, x))
 
 
 def test_prepare_from_file_writes_semseg_layout_atomically(tmp_path, capsys):
