@@ -128,7 +128,8 @@ def model_card(name: str, sha256: str, cfg: SimpleNamespace, config: dict, epoch
         lines += ["| evaluation | images | scales | flip | mIoU | mAcc | allAcc |", "|---|---|---|---|---|---|---|"]
         for m in metrics:
             scores = " | ".join(f"{m[key]:.4f}" if m[key] is not None else "n/a" for key in SCORES)
-            lines.append(f"| {'/'.join(m['path'].parts[-4:-1])} | {m.get('images', '?')} | {m.get('scales', '?')} | {m.get('flip', '?')} "
+            evaluation = "/".join(m["path"].parts[-4:-1])  # <checkpoint>/<split>/<ss|ms>
+            lines.append(f"| {evaluation} | {m.get('images', '?')} | {m.get('scales', '?')} | {m.get('flip', '?')} "
                          f"| {scores} |")
     else:
         lines.append("No metrics.json of tool/test.py was found for this checkpoint (give --metrics).")
@@ -139,7 +140,8 @@ def model_card(name: str, sha256: str, cfg: SimpleNamespace, config: dict, epoch
               "The file holds {'state_dict': ...} (keys prefixed 'module.', as semseg saved them) and no optimizer; "
               "it loads with torch.load(weights_only=True). Loaded by URL, it is downloaded once into torch.hub's "
               f"cache and its sha256 must start with {sha256[:HASH_DIGITS]}, the hash in its name.", "",
-              "## Training config", "", "```yaml", yaml.safe_dump(config, sort_keys=False, default_flow_style=None).rstrip(), "```", ""]
+              "## Training config", "", "```yaml", yaml.safe_dump(config, sort_keys=False, default_flow_style=None).rstrip(),
+              "```", ""]
     return "\n".join(lines)
 
 
