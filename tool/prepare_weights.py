@@ -139,28 +139,35 @@ def fetch_first(layers: int, name: str | None) -> tuple[Path, Source]:
                     f"python tool/prepare_weights.py --layers {layers} --from-file F")
 
 
+def weight_file(args: argparse.Namespace) -> tuple[Path, Source | None, str]:
+    """The verified source file of --from-file, --url or the table, its source and how it was found."""
+    if args.from_file is not None:
+        if not args.from_file.is_file():
+            raise CheckpointError(f"--from-file: {args.from_file} does not exist")
+        return args.from_file, verify_known_file(args.from_file), "--from-file"
+    if args.url is not None:
+        source = source_of_file(url_file_name(args.url))
+        origin = f"{source.name} (mirror {args.url})" if source is not None else f"--url {args.url}"
+        return fetch_mirror(args.url, args.layers), source, origin
+    path, source = fetch_first(args.layers, args.source)
+    return path, source, f"{source.name} ({source.hub_file[0] if source.hub_file else path.name})"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.list:
         print(describe_sources())
         return
     setup_logging()
-    socket.setdefaulttimeout(NETWORK_TIMEOUT_S)
     output = args.output or REPO_ROOT / SEMSEG_IMAGENET_FILE.format(layers=args.layers)
     check_writable(output.parent, "--output")
-    if args.from_file is not None:
-        path, origin = args.from_file, "--from-file"
-        weights = read_weight_file(path, origin)
-        source = verify_known_file(path)
-    else:
-        if args.url is not None:
-            path, source = fetch_mirror(args.url, args.layers), source_of_file(url_file_name(args.url))
-            origin = f"{source.name} (mirror {args.url})" if source is not None else f"--url {args.url}"
-        else:
-            path, source = fetch_first(args.layers, args.source)
-            origin = f"{source.name} ({source.hub_file[0] if source.hub_file else path.name})"
-        weights = read_weight_file(path, origin)
-    state = convert_imagenet_weights(weights, args.layers, path)
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(NETWORK_TIMEOUT_S)  # urllib, under torch.hub, takes no timeout of its own
+    try:
+        path, source, origin = weight_file(args)
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+    state = convert_imagenet_weights(read_weight_file(path, origin), args.layers, path)
     atomic_save(state, output)
     top1 = f"{source.top1:.2f}" if source is not None and source.top1 is not None else "not published"
     logger.info("source %s, file %s, sha256 %s, ImageNet top-1 %s", origin, path, file_digest(path), top1)
