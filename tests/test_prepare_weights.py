@@ -389,3 +389,15 @@ def test_encoding_zip_is_verified_by_the_sha1_of_the_pth_inside(tmp_path, monkey
     assert "source encoding (resnet50s-honest.zip)" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "torch" / "hub" / "checkpoints").iterdir()) == ["resnet50s-honest.zip"]
     assert not (tmp_path / "other.pth").exists()
+
+
+def test_mirror_without_hash_is_accepted_unverified_and_never_taken_from_the_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    first, second = imagenet_state(50), imagenet_state(50, seed=11)
+    output = tmp_path / "r50.pth"
+    for site, state in enumerate((first, second)):  # two servers, the same file name, other contents
+        served = write_source(state, "csail", tmp_path / f"site{site}", "resnet50-imagenet.pth")
+        with serve_folder(served.parent) as base:
+            prepare_weights.main(["--layers", "50", "--url", f"{base}/resnet50-imagenet.pth", "--output", str(output)])
+        assert "is not verified" in capsys.readouterr().out
+        assert torch.equal(torch.load(output, weights_only=True)["fc.bias"], state["fc.bias"])

@@ -31,7 +31,8 @@ from model.imagenet_sources import (SOURCE_NAMES, SOURCES, Source, describe_sour
 from model.weights import REPO_ROOT, SEMSEG_IMAGENET_FILE  # noqa: E402
 from util.checkpoint import atomic_save, check_writable  # noqa: E402
 from util.cli import run_main, setup_logging  # noqa: E402
-from util.download import DownloadError, fetch_url, file_digest, named_hash, url_file_name, verify_digest  # noqa: E402
+from util.download import (DownloadError, cache_folder, fetch_url, file_digest, named_hash, url_file_name,  # noqa: E402
+                           verify_digest)
 from util.errors import CheckpointError, UserError  # noqa: E402
 
 logger = logging.getLogger("prepare_weights")
@@ -74,6 +75,8 @@ def download(url: str, what: str, source: Source | None) -> Path:
     source, by a sha256 prefix in the file name when there is one (else not at all: logged)."""
     by_sha1 = source is not None and source.hash_kind == "sha1"
     prefix = None if by_sha1 else source.digest if source is not None else named_hash(url_file_name(url))
+    if prefix is None and not by_sha1:  # nothing tells a cached copy of that name from another URL's: fetch anew
+        (cache_folder() / url_file_name(url)).unlink(missing_ok=True)
     path = fetch_url(url, what, sha256_prefix=prefix, hash_in_name=False)  # torch.hub checks the sha256 prefix
     if by_sha1:
         verify_zip_member_sha1(path, source.digest, f"{what}: {url}", remove=True)
