@@ -7,6 +7,10 @@ Accepted files:
 - full checkpoints {'state_dict': ..., 'epoch': ..., 'optimizer': ...}, with or without the
   'module.' prefix that DataParallel/DDP add.
 
+A file may be named by an http(s) URL (TEST.model_path, TRAIN.weight): it is downloaded once into
+torch.hub's cache and checked against the sha256 prefix in its name (util/download.py), here,
+the one place every weight file passes through.
+
 Files are read with torch.load(weights_only=True): a pickle holding arbitrary Python objects is
 refused unless the caller opts in with trust_pickle=True.
 """
@@ -26,6 +30,7 @@ from torch import nn
 from model.resnet import BACKBONE_MODULES
 from util.checkpoint import epoch_checkpoints
 from util.config import NO_FILE
+from util.download import fetch_url, is_url
 from util.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -81,8 +86,9 @@ class LoadReport:
 
 def load_checkpoint(path: PathLike, config_key: str, trust_pickle: bool = False) -> Any:
     """torch.load on CPU with weights_only unless trust_pickle, after checking that the file is a
-    PyTorch checkpoint and, for the zip format, that its CRC-32s match; problems -> CheckpointError."""
-    path = Path(path)
+    PyTorch checkpoint and, for the zip format, that its CRC-32s match; problems -> CheckpointError.
+    A URL is replaced by its verified copy in torch.hub's cache."""
+    path = fetch_url(path, config_key) if is_url(path) else Path(path)
     if path.is_dir():
         saved = epoch_checkpoints(path)
         example = saved[-1][1] if saved else path / "train_epoch_<n>.pth"

@@ -210,7 +210,8 @@ def test_training_without_initmodel_stops_before_any_work_with_one_line(tiny_toy
     config = write_semseg_yaml(tmp_path, "ade20k", "pspnet", 50, toy_data_paths(tiny_toy, lists, tmp_path / "exp"))
     out = without_legacy_notices(run_tool("train.py", f"--config={config}"))
     line = assert_one_line_error(out, "TRAIN.pretrained_backbone is not set", "semseg's ImageNet weights",
-                                 "deep-stem ResNet-50", f"{REPO_ROOT / 'initmodel/resnet50_v2.pth'} not found")
+                                 "deep-stem ResNet-50", f"{REPO_ROOT / 'initmodel/resnet50_v2.pth'} not found",
+                                 "python tool/prepare_weights.py --layers 50 fetches it")
     assert line.endswith("set TRAIN.pretrained_backbone none to train from random weights")
     assert not (tmp_path / "exp").exists()  # no folder, log or checkpoint was made
     given = run_tool("train.py", f"--config={config}", "TRAIN.pretrained_backbone", str(tmp_path / "r50.pth"))

@@ -110,8 +110,10 @@ def imagenet_start(cfg: Config) -> Path | None:
     else:
         what = (f"TRAIN.pretrained_backbone is not set, so the backbone starts from semseg's ImageNet weights, the "
                 f"deep-stem ResNet-{cfg.layers} file that semseg's PSPNet/PSANet load by default:")
-    raise ConfigError(f"{what} {path} not found; put the file there, set TRAIN.pretrained_backbone to its path, "
-                      f"or set TRAIN.pretrained_backbone {NO_FILE} to train from random weights")
+    fetch = (f"python tool/prepare_weights.py --layers {cfg.layers} fetches it" if not cfg.pretrained_backbone
+             else f"python tool/prepare_weights.py --layers {cfg.layers} --output {path} writes it")
+    raise ConfigError(f"{what} {path} not found; {fetch}, or put the file there, set TRAIN.pretrained_backbone to "
+                      f"its path, or set TRAIN.pretrained_backbone {NO_FILE} to train from random weights")
 
 
 def prepare_model(cfg: Config, info: DistInfo, imagenet: Path | None) -> torch.nn.Module:
