@@ -2,6 +2,7 @@
 PyTorch's, and tool/test.py, tool/demo.py and the Predictor run it like the checkpoint."""
 import json
 import shutil
+import subprocess
 import sys
 
 import cv2
@@ -10,7 +11,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_tool, write_config
+from conftest import REPO_ROOT, assert_one_line_error, run_tool, write_config
 from model import build_model
 from util.config import load_config
 from util.errors import CheckpointError, ConfigError
@@ -200,3 +201,31 @@ def test_a_non_square_window_is_recorded_as_height_by_width(tiny_toy, tmp_path, 
     from_onnx = Predictor.from_config(cfg).predict(image)  # refused if the window read back were 41x33
     cfg.onnx_path = ""
     assert (Predictor.from_config(cfg, device="cpu").predict(image) == from_onnx).mean() >= 0.999
+
+
+def test_predictor_from_another_project_reports_a_wrong_file_in_one_line(exported, tmp_path):
+    """The README's recipe: a script elsewhere adds the repository to sys.path; each mistake is a
+    UserError whose message is one line naming the file or the array."""
+    script = tmp_path / "segment.py"
+    script.write_text(f"""import sys
+sys.path.insert(0, {str(REPO_ROOT)!r})
+import numpy as np
+from util.errors import UserError
+from util.predictor import Predictor
+calls = [lambda: Predictor.from_onnx({str(exported["folder"] / "model.pth")!r}),
+         lambda: Predictor.from_onnx("missing.onnx"),
+         lambda: Predictor.from_onnx({str(exported["onnx"])!r}).predict("missing.jpg"),
+         lambda: Predictor.from_onnx({str(exported["onnx"])!r}).predict(np.zeros((8, 8)))]
+for call in calls:
+    try:
+        call()
+    except UserError as error:
+        print(repr(str(error)))
+""")
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    messages = [eval(line) for line in out.stdout.splitlines()]
+    assert len(messages) == 4 and all("\n" not in m for m in messages), messages
+    for message, fragment in zip(messages, ["model.pth is a PyTorch checkpoint", "missing.onnx", "missing.jpg",
+                                            "shape (8, 8)"]):
+        assert fragment in message, message

@@ -6,14 +6,14 @@
     labels, probs = predictor.predict(image, probabilities=True)  # RGB array in, (classes, H, W) float32 too
     labels = Predictor.from_onnx("model.onnx").predict("photo.jpg")
 
-From another project, put this repository on the path first (sys.path.insert(0, "/path/to/semseg")
-or PYTHONPATH=/path/to/semseg). A wrong file or image raises a util.errors.UserError whose message
-is one line naming it; catch it to report that line instead of a traceback.
-
 Either way the image goes through util/inference.py: multi-scale sliding window with flip, the
 same code as tool/test.py (which uses this class), so a checkpoint and its export predict alike.
 from_onnx takes its window, classes and test settings from the file's metadata (tool/export.py
 writes them); keyword arguments override the settings.
+
+From another project, put this repository on the path first (sys.path.insert(0, "/path/to/semseg")
+or PYTHONPATH=/path/to/semseg). A wrong file or image raises a util.errors.UserError whose message
+is one line naming it; catch it to report that line instead of a traceback.
 """
 from __future__ import annotations
 
