@@ -1,7 +1,10 @@
 """Config schema: inheritance, overrides, type and unknown-key errors with their messages."""
+import argparse
+
 import pytest
 
-from util.config import FIELDS, SCHEMA, load_config, split_overrides
+from conftest import REPO_ROOT
+from util.config import FIELDS, SCHEMA, add_config_arguments, load_config, parse_config_args, split_overrides
 from util.errors import ConfigError
 
 
@@ -177,3 +180,23 @@ def test_config_survives_pickling_for_spawned_processes(base_cfg):
     cfg = load_config(base_cfg, ["TRAIN.base_lr", "0.02"])
     for clone in (pickle.loads(pickle.dumps(cfg)), copy.deepcopy(cfg)):
         assert clone.to_dict() == cfg.to_dict() and clone.source("base_lr") == "override"
+
+
+def test_options_may_follow_the_overrides_in_every_tool():
+    """Every tool reads its command line with parse_config_args: options before, between or after the
+    `KEY VALUE` pairs, negative values included (argparse alone would take -1e-3 for an option)."""
+    from tool import check_dataset, train
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output", required=True)
+    add_config_arguments(parser)
+    args = parse_config_args(parser, ["--config=c.yaml", "TEST.scales", "[1.0]", "--output", "f.onnx",
+                                      "TRAIN.base_lr", "-1e-3", "TRAIN.rotate_min=-5"])
+    assert (args.config, args.output) == ("c.yaml", "f.onnx")
+    assert split_overrides(args.opts) == [("TEST.scales", "[1.0]"), ("TRAIN.base_lr", "-1e-3"),
+                                          ("TRAIN.rotate_min", "-5")]
+    checked = check_dataset.parse_args(["--config=c.yaml", "DATA.classes", "3", "--split", "val", "--workers", "1"])
+    assert (checked.split, checked.workers, checked.opts) == ("val", 1, ["DATA.classes", "3"])
+    assert train.parse_args(["TRAIN.epochs", "2", "--config=c.yaml"]).opts == ["TRAIN.epochs", "2"]
+    for tool in ("demo.py", "export.py", "test.py", "train.py", "check_dataset.py"):
+        source = (REPO_ROOT / "tool" / tool).read_text()
+        assert "parse_config_args(parser" in source and ".parse_args(" not in source.replace("def parse_args(", ""), tool

@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from util.dataset import SemSegDataset, build_label_lut, check_files_exist, read_list_file
+from conftest import write_config
+from util.config import load_config
+from util.dataset import SemSegDataset, build_label_lut, check_files_exist, dataset_from_config, read_list_file
 from util.errors import ConfigError, DataError
 from util.transform import build_train_transform
 
@@ -64,6 +66,18 @@ def test_test_split_takes_one_column(tmp_path):
 def test_missing_list_file(tmp_path):
     with pytest.raises(DataError, match=r"list file .*nope\.txt: not found"):
         read_list_file(str(tmp_path / "nope.txt"), str(tmp_path), "train")
+
+
+def test_a_missing_list_names_its_config_key_and_how_lists_are_made(tiny_toy, tmp_path):
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", tiny_toy, DATA={"train_list": str(tmp_path / "gone.txt")},
+                                   TEST={"test_list": str(tmp_path / "val.txt")}))
+    for key in ("train_list", "test_list"):
+        with pytest.raises(DataError, match=rf"list file {tmp_path}/\w+\.txt: not found \((DATA|TEST)\.{key}\); write "
+                                            r"the lists with tool/prepare_dataset.py .*see docs/datasets.md"):
+            dataset_from_config(cfg, getattr(cfg, key), "train")
+    cfg.val_list = cfg.test_list  # one file, two keys: both named
+    with pytest.raises(DataError, match=r"\(DATA.val_list and TEST.test_list\)"):
+        dataset_from_config(cfg, cfg.test_list, "val")
 
 
 def test_empty_list_file(tmp_path):

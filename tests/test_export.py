@@ -1,6 +1,9 @@
 """ONNX deployment: tool/export.py writes a standard ONNX file whose onnxruntime logits equal
 PyTorch's, and tool/test.py, tool/demo.py and the Predictor run it like the checkpoint."""
 import json
+import shutil
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -8,10 +11,11 @@ import onnx
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_tool, write_config
+from conftest import REPO_ROOT, assert_one_line_error, run_tool, write_config
 from model import build_model
 from util.config import load_config
 from util.errors import CheckpointError, ConfigError
+from util.errors import UserError
 from util.onnx_model import OnnxNetwork, export_metadata, export_onnx, max_abs_difference
 from util.predictor import Predictor
 
@@ -39,7 +43,8 @@ def exported(tiny_toy, tmp_path_factory):
     model = random_model(cfg, 0)
     torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
                folder / "model.pth")
-    out = run_tool("export.py", f"--config={cfg_path}", "--output", str(folder / "model.onnx"))
+    # --output after an override: the overrides must not swallow the tool's own options
+    out = run_tool("export.py", f"--config={cfg_path}", "TEST.vis_count", "0", "--output", str(folder / "model.onnx"))
     assert out.returncode == 0, out.stderr[-3000:]
     return {"folder": folder, "cfg": cfg_path, "model": model, "onnx": folder / "model.onnx", "log": out.stdout}
 
@@ -57,6 +62,7 @@ def test_export_writes_standard_onnx_with_metadata_and_checks_it(exported, tiny_
     assert metadata["class_names"] == (tiny_toy / "toy_names.txt").read_text().split()
     assert len(metadata["class_colors"]) == 6 and len(metadata["mean"]) == len(metadata["std"]) == 3
     assert "max abs logit difference" in exported["log"] and not list(exported["folder"].glob(".*tmp*"))
+    assert f"run it with TEST.onnx_path {exported['onnx']} TEST.test_h 33 TEST.test_w 33" in exported["log"]
     network = OnnxNetwork(exported["onnx"])
     for batch in (1, 3):
         x = torch.randn(batch, 3, 33, 33, generator=torch.Generator().manual_seed(batch))
@@ -104,11 +110,13 @@ def test_test_py_and_demo_with_the_onnx_file_equal_the_checkpoint(exported, tiny
     assert len(np.unique(np.concatenate([gray(folder / "pth", n).ravel() for n in names]))) >= 2  # not one class
 
     image = tiny_toy / "images" / "val" / f"{names[0]}.jpg"
-    out = run_tool("demo.py", f"--config={cfg}", f"--image={image}", "--output", str(folder / "demo"),
-                   "TEST.onnx_path", str(exported["onnx"]))
+    demo_folder = folder / "demo"  # TEST.save_folder/demo, the checkpoint demo's folder
+    out = run_tool("demo.py", f"--config={cfg}", "TEST.save_folder", str(folder), "TEST.onnx_path", str(exported["onnx"]),
+                   f"--image={image}")
     assert out.returncode == 0, out.stderr[-3000:]
-    demo = cv2.imread(str(folder / "demo" / f"{names[0]}_gray.png"), cv2.IMREAD_UNCHANGED)
+    demo = cv2.imread(str(demo_folder / "model.onnx" / f"{names[0]}_gray.png"), cv2.IMREAD_UNCHANGED)
     assert (demo == gray(folder / "onnx", names[0])).all()
+    assert not list(demo_folder.glob("*.png"))  # where the next checkpoint demo writes
 
 
 def test_predictor_from_onnx_and_from_config_on_an_image(exported, tiny_toy):
@@ -127,7 +135,9 @@ def test_predictor_from_onnx_and_from_config_on_an_image(exported, tiny_toy):
 
 def test_onnx_files_that_do_not_fit_are_refused(exported, tmp_path):
     cfg = load_config(exported["cfg"])
-    for key, value, fragment in (("onnx_path", str(exported["folder"] / "model.pth"), "is not a loadable ONNX"),
+    for key, value, fragment in (("onnx_path", str(exported["folder"] / "model.pth"),
+                                  "is a PyTorch checkpoint, not an ONNX file; evaluate it with TEST.model_path"),
+                                 ("onnx_path", str(exported["cfg"]), "is not a loadable ONNX"),
                                  ("onnx_path", str(tmp_path / "none.onnx"), "TEST.onnx_path: file not found"),
                                  ("test_h", 41, "takes 33x33 windows")):
         cfg.onnx_path = str(exported["onnx"])
@@ -146,10 +156,76 @@ def test_onnx_files_that_do_not_fit_are_refused(exported, tmp_path):
 @pytest.mark.parametrize("overrides, fragments", [
     (["TRAIN.arch", "psa"], ["TEST.model_path", "does not fit the model"]),  # a checkpoint of another architecture
     (["TEST.test_h", "40"], ["TEST.test_h", "8k+1"]),
-    (["TEST.model_path", "{onnx}"], ["TEST.model_path", "is not a PyTorch checkpoint"]),  # wrong file
+    (["TEST.model_path", "{onnx}"], ["TEST.model_path", "is not a PyTorch checkpoint", "runs through TEST.onnx_path"]),
 ])
 def test_export_refuses_bad_input_with_one_line(exported, tmp_path, overrides, fragments):
     overrides = [value.format(onnx=exported["onnx"]) for value in overrides]
     out = run_tool("export.py", f"--config={exported['cfg']}", "--output", str(tmp_path / "x.onnx"), *overrides)
     assert_one_line_error(out, *fragments)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_checkpoint_given_as_the_onnx_file_is_one_line_pointing_at_model_path(exported):
+    out = run_tool("test.py", f"--config={exported['cfg']}", "TEST.onnx_path", str(exported["folder"] / "model.pth"))
+    assert_one_line_error(out, "TEST.onnx_path", "is a PyTorch checkpoint", "TEST.model_path")
+
+
+def test_export_refuses_a_file_that_differs_from_pytorch(exported, tmp_path, monkeypatch):
+    """The exporter is replaced by a copy of another network's export: the onnxruntime check must fail,
+    write nothing under --output and keep the file as .unverified.onnx."""
+    from tool import export as export_tool
+    cfg = load_config(exported["cfg"])
+    torch.save({"state_dict": random_model(cfg, 1).state_dict()}, tmp_path / "other.pth")
+    monkeypatch.setattr(export_tool, "export_onnx", lambda model, path, *_: shutil.copy(exported["onnx"], path))
+    monkeypatch.setattr(export_tool, "setup_logging", lambda *args: None)
+    monkeypatch.setattr(sys, "argv", ["export.py", f"--config={exported['cfg']}", "TEST.model_path",
+                                      str(tmp_path / "other.pth"), "--output", str(tmp_path / "x.onnx")])
+    with pytest.raises(UserError, match=r"export check failed: onnxruntime differs from PyTorch by .* \(more than 1e-03\)"):
+        export_tool.main()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.pth", "x.unverified.onnx"]
+
+
+def test_a_non_square_window_is_recorded_as_height_by_width(tiny_toy, tmp_path, exported):
+    """33 high, 41 wide: the file's metadata, its input and Predictor.from_config agree with the config,
+    and the export predicts as the checkpoint does."""
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", tiny_toy, TEST={
+        "test_h": 33, "test_w": 41, "scales": [1.0], "model_path": str(exported["folder"] / "model.pth")}))
+    path = tmp_path / "wide.onnx"
+    export_onnx(exported["model"], path, torch.randn(1, 3, 33, 41), export_metadata(cfg, list("abcdef"), None, "t"))
+    proto = onnx.load(str(path))
+    assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim][2:] == [33, 41]
+    assert json.loads({p.key: p.value for p in proto.metadata_props}["window"]) == [33, 41]
+    assert OnnxNetwork(path).window == (33, 41)
+    image = str(tiny_toy / "images" / "val" / "toy_val_00001.jpg")
+    cfg.onnx_path = str(path)
+    from_onnx = Predictor.from_config(cfg).predict(image)  # refused if the window read back were 41x33
+    cfg.onnx_path = ""
+    assert (Predictor.from_config(cfg, device="cpu").predict(image) == from_onnx).mean() >= 0.999
+
+
+def test_predictor_from_another_project_reports_a_wrong_file_in_one_line(exported, tmp_path):
+    """The README's recipe: a script elsewhere adds the repository to sys.path; each mistake is a
+    UserError whose message is one line naming the file or the array."""
+    script = tmp_path / "segment.py"
+    script.write_text(f"""import sys
+sys.path.insert(0, {str(REPO_ROOT)!r})
+import numpy as np
+from util.errors import UserError
+from util.predictor import Predictor
+calls = [lambda: Predictor.from_onnx({str(exported["folder"] / "model.pth")!r}),
+         lambda: Predictor.from_onnx("missing.onnx"),
+         lambda: Predictor.from_onnx({str(exported["onnx"])!r}).predict("missing.jpg"),
+         lambda: Predictor.from_onnx({str(exported["onnx"])!r}).predict(np.zeros((8, 8)))]
+for call in calls:
+    try:
+        call()
+    except UserError as error:
+        print(repr(str(error)))
+""")
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    messages = [eval(line) for line in out.stdout.splitlines()]
+    assert len(messages) == 4 and all("\n" not in m for m in messages), messages
+    for message, fragment in zip(messages, ["model.pth is a PyTorch checkpoint", "missing.onnx", "missing.jpg",
+                                            "shape (8, 8)"]):
+        assert fragment in message, message

@@ -162,3 +162,18 @@ def test_bf16_network_keeps_float32_probabilities_close_to_fp32():
     assert (bf16 - fp32).abs().max() < 0.02
     assert torch.allclose(bf16.sum(0), torch.ones(45, 90), atol=1e-5)
     assert (bf16.argmax(0) == fp32.argmax(0)).float().mean() > 0.98
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_predictor_follows_its_flip_setting_as_the_reference_does(flip):
+    """The Predictor's probabilities against semseg's per-window algorithm with the same flip setting,
+    on a network whose flipped output differs, so that a Predictor ignoring `flip` fails one case."""
+    from util.predictor import Predictor
+    classes, crop, base_size, scales = 5, 33, 50, [0.75, 1.0]
+    image = cv2.GaussianBlur((np.random.default_rng(3).random((40, 50, 3)) * 255).astype(np.float32), (5, 5), 0)
+    model = TinySegNet(classes, 3).eval()
+    ours = Predictor(model, classes, (crop, crop), base_size, scales, flip=flip).probabilities(image).numpy()
+    ref = reference_predict(model.double(), image, classes, crop, crop, base_size, scales, 2 / 3, flip)
+    other = reference_predict(model, image, classes, crop, crop, base_size, scales, 2 / 3, not flip)
+    assert np.abs(ours.transpose(1, 2, 0) - ref).max() < 1e-5
+    assert np.abs(ref - other).max() > 1e-3  # flip matters for this network and image

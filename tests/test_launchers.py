@@ -65,12 +65,24 @@ def test_train_sh_keeps_scores_and_terminal_output_in_the_experiment_folder(tiny
     assert json.loads(multi_scale.read_text())["scales"] == [1.0, 1.25]
 
 
+def test_logged_returns_the_status_of_its_command_and_keeps_its_output(tmp_path):
+    script = '. tool/logged.sh; logged "$1" sh -c "echo said; exit 7" && echo "status 0" || echo "status $?"'
+    out = subprocess.run(["sh", "-c", script, "sh", str(tmp_path / "out")], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.stdout.splitlines() == ["+ sh -c echo said; exit 7", "said", "status 7"], out.stdout + out.stderr
+    assert (tmp_path / "out").read_text().splitlines() == out.stdout.splitlines()[:2]
+
+
 def test_train_sh_fails_with_the_training_status_and_keeps_the_reason(tiny_toy, tmp_path):
-    out = launch("train.sh", tmp_path / "exp", *tiny_overrides(tiny_toy), "TRAIN.base_lrr", "1")
-    assert out.returncode != 0
+    """A failure only training meets (its list is missing; evaluating would need the checkpoint it never
+    wrote): train.sh must stop with train.py's status 2 before evaluating, which it does only if
+    logged.sh passes that status on."""
+    missing = tmp_path / "no_train.txt"
+    out = launch("train.sh", tmp_path / "exp", *tiny_overrides(tiny_toy), "DATA.train_list", str(missing))
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     exp_dir = tmp_path / "exp" / "toy" / "pspnet18"
     train_out, = exp_dir.glob("train-*.out")
-    assert "did you mean base_lr" in train_out.read_text()
+    assert f"list file {missing}: not found (DATA.train_list)" in train_out.read_text()
     assert not list(exp_dir.glob("test-*.out"))  # stopped after the failed training
 
 

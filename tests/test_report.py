@@ -3,6 +3,7 @@ confusion matrix, the worst images and report.html, checked against independent 
 import csv
 import json
 import math
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
@@ -16,8 +17,9 @@ from conftest import run_tool, write_config
 from model import build_model
 from util.config import load_config
 from util.errors import ConfigError
-from util.report import (IGNORED_RGB, WRONG_RGB, ImageScore, confused_pairs, draw_confusion, error_map,
-                         heatmap_classes, image_score, worst_images)
+from util.metrics import scores_from_confusion
+from util.report import (CONFUSED_MIN_SHARE, CONFUSED_PAIRS, IGNORED_RGB, WRONG_RGB, ImageScore, confused_pairs,
+                         draw_confusion, error_map, heatmap_classes, image_score, worst_images, write_report)
 from util.metrics import confusion_matrix
 
 WORST = 3
@@ -77,6 +79,51 @@ def test_confused_pairs_heatmap_classes_and_error_map(tmp_path):
     errors = error_map(image, np.array([[0, 1, 2]]), np.array([[0, 2, 255]]), 255)
     assert errors[0, 0].tolist() == [100, 100, 100]  # right: the image, dimmed
     assert errors[0, 1].tolist() == list(WRONG_RGB) and errors[0, 2].tolist() == list(IGNORED_RGB)
+
+
+def test_confused_pairs_are_the_few_that_matter():
+    """At most CONFUSED_PAIRS pairs, none under CONFUSED_MIN_SHARE of its true class: a 0.2% share is left out."""
+    conf = np.diag([10_000] * 14)
+    for truth in range(13):
+        conf[truth, truth + 1] = 500 + 10 * truth  # 5% and more of the row: all matter, the 10 largest shown
+    conf[13, 0] = 20  # 0.2% of class 13
+    pairs = confused_pairs(conf)
+    assert len(pairs) == CONFUSED_PAIRS == 10 and min(share for *_, share in pairs) >= CONFUSED_MIN_SHARE == 0.01
+    assert [(r, c) for r, c, *_ in pairs] == [(r, r + 1) for r in range(12, 2, -1)]
+    assert (13, 0) not in [(r, c) for r, c, *_ in confused_pairs(conf, limit=100)]
+
+
+def dark_cells_box(png: Path) -> tuple[int, int]:
+    """(height, width) of the largest patch of the heat map's darkest colour (share 1.0) in a PNG."""
+    import matplotlib
+    dark = np.array(matplotlib.colormaps["Blues"](1.0)[:3]) * 255
+    rgb = read_png(png)[..., 2::-1].astype(float)  # BGR(A) -> RGB
+    mask = (np.abs(rgb - dark).max(axis=2) <= 3).astype(np.uint8)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask)
+    largest = max(range(1, count), key=lambda i: stats[i, cv2.CC_STAT_AREA])
+    return stats[largest, cv2.CC_STAT_HEIGHT], stats[largest, cv2.CC_STAT_WIDTH]
+
+
+def test_heat_map_png_has_the_truth_in_rows_and_the_prediction_in_columns(tmp_path):
+    """Every true class predicted as class 0: share 1.0 fills the first column, a tall patch; drawn
+    transposed it would fill the first row, a wide one."""
+    conf = np.array([[40, 0, 0], [30, 0, 0], [20, 0, 0]])
+    draw_confusion(tmp_path / "c.png", conf, ["a", "b", "c"])
+    height, width = dark_cells_box(tmp_path / "c.png")
+    assert height > 2.5 * width, (height, width)
+
+
+def test_report_without_worst_images_has_no_worst_heading(tmp_path):
+    conf = np.array([[1500, 20], [3, 2000]])
+    colors = np.array([[10, 20, 30], [200, 100, 0]])
+    write_report(tmp_path / "r.html", {}, scores_from_confusion(conf), ["a", "b"], colors, conf, [], 0, "c.png", "vis",
+                 [])
+    page = (tmp_path / "r.html").read_text()
+    assert "worst images" not in page.lower() and "<h2>" in page and "1,520" in page and "2,003" in page
+    assert 'data-rgb="10,20,30"' in page and 'data-rgb="200,100,0"' in page
+    write_report(tmp_path / "r.html", {}, scores_from_confusion(conf), ["a", "b"], colors, conf, [], 5, "c.png", "vis",
+                 [])
+    assert "No image ranked" in (tmp_path / "r.html").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +238,21 @@ def test_worst_images_are_the_k_lowest_by_miou(evaluated):
     for name in lowest:  # image | prediction | truth | errors, 4 px bars between them
         panel, gray = read_png(result / "vis" / f"{name}.png"), read_png(result / "gray" / f"{name}.png")
         assert panel.shape == (gray.shape[0], 4 * gray.shape[1] + 12, 3)
+
+
+def test_report_shows_class_colours_a_legend_and_counts_with_separators(evaluated, tiny_toy):
+    result, _ = evaluated
+    page = (result / "report.html").read_text(encoding="utf-8")
+    metrics = json.loads((result / "metrics.json").read_text())
+    colors = [line.split() for line in (tiny_toy / "toy_colors.txt").read_text().splitlines()]
+    rows = re.findall(r'<tr data-class="(\d+)"><td><span class="swatch" data-rgb="([\d,]+)".*?'
+                      r'<td class="pixels">([\d,]+)</td>', page)
+    assert len(rows) == 6
+    for c, rgb, pixels in rows:
+        assert rgb.split(",") == colors[int(c)]  # the class's own colour beside its name
+        assert pixels == f"{metrics['classes'][int(c)]['target']:,}"
+    assert any("," in pixels for *_, pixels in rows)
+    legend = page.split('<p class="legend">')[1].split("</p>")[0]
+    assert page.index('class="legend"') < page.index('class="worst"')  # by the worst images
+    assert re.findall(r'data-rgb="([\d,]+)"', legend) == [",".join(c) for c in colors] + [
+        ",".join(map(str, WRONG_RGB)), ",".join(map(str, IGNORED_RGB))]

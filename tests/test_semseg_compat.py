@@ -180,6 +180,20 @@ def test_semseg_class_files_of_every_dataset_resolve():
         "ade20k", "voc2012", "cityscapes", "camvid", "bdddrivable", "bddsemseg"}
 
 
+def test_a_class_file_the_user_has_in_data_wins_over_the_shipped_copy(tmp_path, monkeypatch, caplog):
+    """semseg's data/voc2012/voc2012_names.txt, relative to the working folder: the user's own file
+    is read as it is; the copy in config/voc2012/ is only the fallback when it does not exist."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "voc2012").mkdir(parents=True)
+    mine = [f"my class {i}" for i in range(21)]
+    (tmp_path / "data" / "voc2012" / "voc2012_names.txt").write_text("\n".join(mine) + "\n")
+    (tmp_path / "data" / "voc2012" / "voc2012_colors.txt").write_text("1 2 3\n" * 21)
+    caplog.set_level(logging.INFO)
+    assert read_names("data/voc2012/voc2012_names.txt", 21) == mine
+    assert read_colors("./data/voc2012/voc2012_colors.txt", 21).tolist() == [[1, 2, 3]] * 21
+    assert "where semseg keeps it" not in caplog.text
+
+
 @pytest.mark.slow
 def test_test_py_runs_a_semseg_yaml_with_only_data_paths_changed(tiny_toy, tmp_path):
     """voc2012_pspnet50 as published (ResNet-50, window 473, base_size 512) on one toy image, with a

@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from util.cli import map_with_progress, run_main  # noqa: E402
-from util.config import Config, add_config_arguments, load_config  # noqa: E402
+from util.config import Config, add_config_arguments, load_config, parse_config_args  # noqa: E402
 from util.dataset import SemSegDataset, dataset_from_config  # noqa: E402
 from util.errors import ConfigError, DataError  # noqa: E402
 from util.palette import read_colors, read_names  # noqa: E402
@@ -190,7 +190,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="processes reading samples (default: CPU count, at most 8)")
     add_config_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parse_config_args(parser, argv)
     if args.max_listed < 0 or args.workers < 1:
         parser.error("--max-listed must be >= 0 and --workers >= 1")
     return args

@@ -6,7 +6,9 @@
 
 Uses TEST.model_path (or the ONNX file TEST.onnx_path), TEST.scales, TEST.base_size, the window
 TEST.test_h x test_w and TEST.colors_path; writes <output>/<name>_gray.png, _color.png and
-_overlay.png (default output: TEST.save_folder/demo) and prints each path. Segmentation goes
+_overlay.png and prints each path. The default output is TEST.save_folder/demo for the checkpoint
+and TEST.save_folder/demo/<file name>.onnx for an ONNX file, so that neither overwrites the other
+(as tool/test.sh puts an export's evaluation in result/<file name>.onnx/). Segmentation goes
 through util.predictor.Predictor. CUDA when available (ONNX files run on the CPU), else CPU.
 --video writes <output>/<stem>_overlay.mp4 (same frame count, rate and size; a legend of the
 classes present; no audio) and with --save-labels <stem>_frames/<index:06d>.png: see util/video.py.
@@ -24,7 +26,7 @@ import numpy as np  # noqa: E402
 
 from util.checkpoint import check_writable  # noqa: E402
 from util.cli import Progress, run_main, setup_logging  # noqa: E402
-from util.config import add_config_arguments, load_config  # noqa: E402
+from util.config import add_config_arguments, load_config, parse_config_args  # noqa: E402
 from util.errors import ConfigError, DataError  # noqa: E402
 from util.image_io import IMAGE_SUFFIXES, read_image_rgb  # noqa: E402
 from util.palette import colorize, read_colors, read_names, write_png  # noqa: E402
@@ -46,6 +48,12 @@ def find_images(path: Path) -> list[Path]:
     return [path]
 
 
+def default_output(cfg) -> Path:
+    """TEST.save_folder/demo, with a folder of its own for each ONNX file (demo/<file name>.onnx)."""
+    demo = Path(cfg.save_folder) / "demo"
+    return demo / Path(cfg.onnx_path).name if cfg.onnx_path else demo
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -53,10 +61,11 @@ def main() -> None:
     source.add_argument("--video", help="a video file (OpenCV reads it): writes <stem>_overlay.mp4")
     parser.add_argument("--every", type=int, default=1, help="--video: segment every Nth frame only")
     parser.add_argument("--save-labels", action="store_true", help="--video: also <stem>_frames/<index>.png")
-    parser.add_argument("--output", default="", help="output folder (default TEST.save_folder/demo)")
+    parser.add_argument("--output", default="",
+                        help="output folder (default TEST.save_folder/demo, for an ONNX file demo/<file name>)")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the colour mask in the overlay")
     add_config_arguments(parser)
-    args = parser.parse_args()
+    args = parse_config_args(parser)
     setup_logging()
     cfg = load_config(args.config, args.opts)
     if not cfg.colors_path:
@@ -64,7 +73,7 @@ def main() -> None:
     colors = read_colors(cfg.colors_path, cfg.classes)
     video = VideoReader(Path(args.video)) if args.video else None
     images = [] if video else find_images(Path(args.image))
-    output = Path(args.output or Path(cfg.save_folder) / "demo")
+    output = Path(args.output or default_output(cfg))
     check_writable(output, "--output")
 
     predictor = Predictor.from_config(cfg)

@@ -9,8 +9,9 @@ float32 N x 3 x TEST.test_h x TEST.test_w window, any batch size N; output `logi
 network's class scores. The file's metadata holds the classes, window, mean/std, class names and
 colours and the test settings. The file is then run in onnxruntime (CPU) on a batch of 2 and
 compared with PyTorch: the export fails above a max abs difference of 1e-3 and the file is kept
-as <output stem>.unverified.onnx for inspection. Run it with TEST.onnx_path in tool/test.py and
-tool/demo.py, or with util.predictor.Predictor.from_onnx.
+as <output stem>.unverified.onnx for inspection. Run it with TEST.onnx_path (and the window's
+TEST.test_h / test_w) in tool/test.py and tool/demo.py, or with util.predictor.Predictor.from_onnx.
+Options may come before or after the overrides.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import torch  # noqa: E402
 from model import load_eval_model  # noqa: E402
 from util.checkpoint import check_writable  # noqa: E402
 from util.cli import run_main, setup_logging  # noqa: E402
-from util.config import add_config_arguments, describe_schema, load_config  # noqa: E402
+from util.config import add_config_arguments, describe_schema, load_config, parse_config_args  # noqa: E402
 from util.errors import ConfigError, UserError  # noqa: E402
 from util.onnx_model import TOLERANCE, OnnxNetwork, export_metadata, export_onnx, max_abs_difference  # noqa: E402
 from util.palette import read_colors, read_names  # noqa: E402
@@ -42,7 +43,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="the ONNX file to write, e.g. model.onnx")
     add_config_arguments(parser)
-    args = parser.parse_args()
+    args = parse_config_args(parser)
     setup_logging()
     cfg = load_config(args.config, args.opts)
     if not cfg.model_path:
@@ -79,8 +80,9 @@ def main() -> None:
                         f"{TOLERANCE:.0e}) on a batch of {SAMPLE_BATCH}; {output} was not written, the file is "
                         f"kept as {kept} for inspection")
     os.replace(temporary, output)
-    logger.info("wrote %s (%.1f MiB): input image N x 3 x %d x %d, output logits; run it with TEST.onnx_path %s",
-                output, output.stat().st_size / 2**20, cfg.test_h, cfg.test_w, output)
+    logger.info("wrote %s (%.1f MiB): input image N x 3 x %d x %d, output logits; run it with TEST.onnx_path %s "
+                "TEST.test_h %d TEST.test_w %d (the window it takes)", output, output.stat().st_size / 2**20,
+                cfg.test_h, cfg.test_w, output, cfg.test_h, cfg.test_w)
 
 
 if __name__ == "__main__":

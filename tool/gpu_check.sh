@@ -1,5 +1,5 @@
 #!/bin/bash
-# GPU checks behind the README's GPU rows, in one run (a few minutes on one GPU):
+# GPU checks behind the GPU rows of docs/benchmarks.md, in one run (a few minutes on one GPU):
 #   1. the CUDA tests (psa_mask, SyncBatchNorm, AMP training, batched inference, test.py on CUDA);
 #   2. PSPNet-50 for a few iterations through torchrun, one process per GPU, with sync_bn and bf16
 #      AMP + channels_last (SyncBatchNorm only synchronises with 2 or more GPUs);

@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from util.checkpoint import check_writable  # noqa: E402
 from util.cli import Progress, run_main, setup_logging  # noqa: E402
-from util.config import Config, add_config_arguments, describe_schema, load_config  # noqa: E402
+from util.config import (Config, add_config_arguments, describe_schema, load_config,  # noqa: E402
+                         parse_config_args)
 from util.dataset import SemSegDataset, dataset_from_config  # noqa: E402
 from util.distributed import (DistInfo, barrier, cleanup_distributed, default_workers, gather_to_main,  # noqa: E402
                               init_distributed, local_world_size, shard_indices)
@@ -81,7 +82,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, epilog="config keys:\n" + describe_schema(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    return parser.parse_args()
+    return parse_config_args(parser)
 
 
 def main() -> None:

@@ -38,7 +38,8 @@ from util.checkpoint import (BEST_FILE, archive_previous_run, atomic_save, check
                              checkpoints_to_come, epoch_checkpoints, prune_checkpoints, remove_stale_temporaries,
                              resolve_resume, rng_state, set_rng_state, training_checkpoint_kind, with_module_prefix)
 from util.cli import Progress, run_main, setup_logging  # noqa: E402
-from util.config import NO_FILE, Config, add_config_arguments, describe_schema, load_config  # noqa: E402
+from util.config import (NO_FILE, Config, add_config_arguments, describe_schema, load_config,  # noqa: E402
+                         parse_config_args)
 from util.dataset import dataset_from_config  # noqa: E402
 from util.distributed import (DistInfo, GlobalBatchSampler, broadcast_object, cleanup_distributed,  # noqa: E402
                               default_workers, detect_launch, init_distributed, local_world_size, shard_indices,
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, epilog="config keys:\n" + describe_schema(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    return parser.parse_args(argv)
+    return parse_config_args(parser, argv)
 
 
 def make_train_loader(cfg: Config, info: DistInfo, seed: int, workers: int) -> tuple[DataLoader, GlobalBatchSampler]:

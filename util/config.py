@@ -15,6 +15,7 @@ import argparse
 import difflib
 import logging
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -30,6 +31,7 @@ REQUIRED = object()  # default of keys that every config must set
 NO_FILE = "none"  # a path key's value meaning "no file": not set, except where it is a setting of its own
 NO_FILE_IS_A_SETTING = ("pretrained_backbone",)  # not set = a default file; none = none at all
 # YAML 1.1 reads 1e-4 and 1e10 (no dot) as strings; semseg's literal parsing read them as numbers.
+NEGATIVE_VALUE = re.compile(r"-\.?\d")  # a negative number after a key, not an option
 EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -452,10 +454,27 @@ def validate_config(cfg: Config) -> None:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """The semseg command line: --config=<yaml> followed by `KEY VALUE` overrides."""
+    """The semseg command line: --config=<yaml> and `KEY VALUE` overrides; read it with parse_config_args."""
     parser.add_argument("--config", required=True, help="YAML config, e.g. config/toy/toy_pspnet18.yaml")
-    parser.add_argument("opts", nargs=argparse.REMAINDER,
-                        help="overrides as `SECTION.key value` pairs or `SECTION.key=value`")
+    parser.add_argument("opts", nargs="*", metavar="SECTION.key value",
+                        help="overrides as `SECTION.key value` pairs or `SECTION.key=value`; the tool's options "
+                             "may come before or after them")
+
+
+def parse_config_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments of a parser set up by add_config_arguments, with the tool's options anywhere
+    among the overrides (`--config=c.yaml TEST.scales [1.0] --output f.onnx`). argparse would read
+    a negative override value such as `-1e-3` as an option, so `KEY -value` is passed as `KEY=-value`."""
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    joined, i = [], 0
+    while i < len(tokens):
+        if i + 1 < len(tokens) and not tokens[i].startswith("-") and NEGATIVE_VALUE.match(tokens[i + 1]):
+            joined.append(f"{tokens[i]}={tokens[i + 1]}")
+            i += 2
+        else:
+            joined.append(tokens[i])
+            i += 1
+    return parser.parse_intermixed_args(joined)
 
 
 def describe_schema() -> str:

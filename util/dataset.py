@@ -14,10 +14,12 @@ from typing import Any, Callable, Mapping, NamedTuple
 import numpy as np
 from torch.utils.data import Dataset
 
+from util.config import FIELDS
 from util.errors import ConfigError, DataError
 from util.image_io import read_image_rgb, read_label
 
 MAX_LISTED_VALUES = 10
+LIST_KEYS = ("train_list", "val_list", "test_list")  # the config keys that name list files
 
 
 class ListEntry(NamedTuple):
@@ -209,7 +211,13 @@ class SemSegDataset(Dataset):
 def dataset_from_config(cfg, list_path: str, split: str, transform: Callable | None = None,
                         seed: int = 0) -> SemSegDataset:
     """One list file read the way every tool reads it: DATA.data_root, classes, ignore_label, the
-    label remapping (reduce_zero_label / label_map) and the path policy from the config."""
+    label remapping (reduce_zero_label / label_map) and the path policy from the config. A missing
+    list names the config key(s) that point at it and how the lists are made."""
+    if not Path(list_path).is_file():
+        keys = " and ".join(f"{FIELDS[key].section}.{key}" for key in LIST_KEYS if getattr(cfg, key) == list_path)
+        raise DataError(f"list file {list_path}: not found ({keys or 'the list given'}); write the lists with "
+                        f"tool/prepare_dataset.py (the toy data: tool/make_toy_dataset.py), see docs/datasets.md, "
+                        f"or set the key to a list of your own")
     lut = build_label_lut(cfg.classes, cfg.ignore_label, cfg.reduce_zero_label, cfg.label_map)
     return SemSegDataset(list_path, cfg.data_root, split, cfg.classes, cfg.ignore_label, transform=transform,
                          label_lut=lut, seed=seed, allow_unsafe_paths=cfg.allow_unsafe_paths)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Mapping
 
 from util.cli import run_main
-from util.config import add_config_arguments, load_config, split_overrides
+from util.config import add_config_arguments, load_config, parse_config_args, split_overrides
 
 LAUNCHER_SETTINGS = ("EXP_ROOT", "NPROC", "PYTHON")  # environment the launchers read
 RESUME_COMMAND_VARIABLE = "SEMSEG_RESUME_COMMAND"  # tool/train.sh's own command, for train.py's hint
@@ -81,7 +81,7 @@ def resume_command(argv: list[str], env: Mapping[str, str], launcher: str) -> st
         return env[RESUME_COMMAND_VARIABLE]
     parser = argparse.ArgumentParser(add_help=False)
     add_config_arguments(parser)
-    args = parser.parse_args(argv[1:])
+    args = parse_config_args(parser, argv[1:])
     start = ["python"]
     if launcher == "torchrun":
         start = ["torchrun", f"--nproc_per_node={env.get('LOCAL_WORLD_SIZE', '1')}"]

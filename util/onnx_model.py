@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from model.weights import LEGACY_PICKLE_START, ZIP_MAGIC
 from util.errors import CheckpointError, UserError
 from util.transform import MEAN, STD
 
@@ -68,6 +69,10 @@ class OnnxNetwork:
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"{config_key}: file not found: {self.path}")
+        with open(self.path, "rb") as f:
+            if f.read(len(ZIP_MAGIC)) in (ZIP_MAGIC, LEGACY_PICKLE_START):
+                raise CheckpointError(f"{config_key}: {self.path} is a PyTorch checkpoint, not an ONNX file; evaluate "
+                                      f"it with TEST.model_path {self.path}, or export it with tool/export.py")
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.log_severity_level = 3  # errors only

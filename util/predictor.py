@@ -10,6 +10,10 @@ Either way the image goes through util/inference.py: multi-scale sliding window 
 same code as tool/test.py (which uses this class), so a checkpoint and its export predict alike.
 from_onnx takes its window, classes and test settings from the file's metadata (tool/export.py
 writes them); keyword arguments override the settings.
+
+From another project, put this repository on the path first (sys.path.insert(0, "/path/to/semseg")
+or PYTHONPATH=/path/to/semseg). A wrong file or image raises a util.errors.UserError whose message
+is one line naming it; catch it to report that line instead of a traceback.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import torch
 
 from model import load_eval_model
 from util.config import Config, load_config
-from util.errors import ConfigError
+from util.errors import ConfigError, DataError
 from util.image_io import read_image_rgb
 from util.inference import multi_scale_predict, resize_image
 from util.onnx_model import OnnxNetwork
@@ -82,6 +86,9 @@ class Predictor:
     def probabilities(self, image: np.ndarray) -> torch.Tensor:
         """(classes, H, W) probabilities on the device of one float RGB H x W x 3 image (0..255)."""
         image = np.asarray(image, dtype=np.float32)
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise DataError(f"Predictor: expected an RGB image, an H x W x 3 array (values 0..255) or an image "
+                            f"file, got an array of shape {image.shape}")
         return self.scaled_probabilities([resize_image(image, s) for s in self.long_sizes], image.shape[:2])
 
     def predict(self, image: np.ndarray | str | Path, probabilities: bool = False

@@ -29,7 +29,8 @@ from util.metrics import SegScores, scores_from_confusion
 from util.palette import colorize, side_by_side, write_png
 
 HEATMAP_CLASSES = 30  # a 150-class matrix is unreadable; show the classes most involved in errors
-CONFUSED_PAIRS = 20
+CONFUSED_PAIRS = 10  # at most this many pairs ...
+CONFUSED_MIN_SHARE = 0.01  # ... each holding at least 1% of its true class's pixels: the confusions that matter
 WRONG_RGB = (255, 0, 0)
 IGNORED_RGB = (190, 190, 190)
 ARCH_NAMES = {"psp": "PSPNet", "psa": "PSANet"}
@@ -59,15 +60,18 @@ def worst_images(scores: list[ImageScore], k: int) -> list[ImageScore]:
     return ranked[:k]
 
 
-def confused_pairs(conf: np.ndarray, limit: int = CONFUSED_PAIRS) -> list[tuple[int, int, int, float]]:
+def confused_pairs(conf: np.ndarray, limit: int = CONFUSED_PAIRS,
+                   min_share: float = CONFUSED_MIN_SHARE) -> list[tuple[int, int, int, float]]:
     """(truth class, predicted class, pixels, share of the truth class's pixels) for the
-    off-diagonal cells with the most pixels, most first."""
+    off-diagonal cells with the most pixels, most first: at most `limit`, each at least `min_share`
+    of its true class (smaller confusions are noise next to them, and the heat map shows them)."""
     conf = np.asarray(conf, dtype=np.int64)
     off = conf.copy()
     np.fill_diagonal(off, 0)
-    rows, cols = np.nonzero(off)
-    order = sorted(zip(rows.tolist(), cols.tolist()), key=lambda rc: (-off[rc], rc))[:limit]
     row_sums = conf.sum(axis=1)
+    rows, cols = np.nonzero(off)
+    kept = [(r, c) for r, c in zip(rows.tolist(), cols.tolist()) if off[r, c] >= min_share * row_sums[r]]
+    order = sorted(kept, key=lambda rc: (-off[rc], rc))[:limit]
     return [(r, c, int(off[r, c]), float(off[r, c] / row_sums[r])) for r, c in order]
 
 
@@ -154,52 +158,83 @@ def fmt(x: float) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:.4f}"
 
 
+def count(n: int) -> str:
+    """A pixel count with thousands separators: 1,356,973."""
+    return f"{int(n):,}"
+
+
 def _row(cells: list[str], tag: str = "td") -> str:
     return "<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>"
 
 
-def _class_table(scores: SegScores, names: list[str]) -> str:
+def _swatch(rgb) -> str:
+    r, g, b = (int(v) for v in rgb)
+    return f'<span class="swatch" data-rgb="{r},{g},{b}" style="background:rgb({r},{g},{b})"></span>'
+
+
+def _class_table(scores: SegScores, names: list[str], colors: np.ndarray) -> str:
     order = sorted(range(len(names)), key=lambda c: (math.isnan(scores.iou[c]), -np.nan_to_num(scores.iou[c]), c))
     rows = [_row(["class", "IoU", "", "acc", "truth pixels"], "th")]
     for c in order:
         width = 0.0 if math.isnan(scores.iou[c]) else 100 * scores.iou[c]
-        rows.append(f'<tr data-class="{c}"><td>{html.escape(names[c])}</td><td class="iou">{fmt(scores.iou[c])}</td>'
+        rows.append(f'<tr data-class="{c}"><td>{_swatch(colors[c])}{html.escape(names[c])}</td>'
+                    f'<td class="iou">{fmt(scores.iou[c])}</td>'
                     f'<td class="barcell"><div class="bar" style="width:{width:.1f}%"></div></td>'
-                    f'<td class="acc">{fmt(scores.acc[c])}</td><td>{int(scores.target[c])}</td></tr>')
+                    f'<td class="acc">{fmt(scores.acc[c])}</td><td class="pixels">{count(scores.target[c])}</td></tr>')
     return '<table class="classes">' + "".join(rows) + "</table>"
 
 
-def _pairs_table(pairs, names: list[str]) -> str:
+def _pairs_section(pairs, names: list[str]) -> str:
+    rule = (f"The confusions that take at least {CONFUSED_MIN_SHARE:.0%} of the true class's pixels, "
+            f"at most {CONFUSED_PAIRS}, largest first; the heat map below shows them all.")
     if not pairs:
-        return "<p>No pixel was confused.</p>"
+        return f"<p>{rule}</p><p>None: no class lost that much to another.</p>"
     rows = [_row(["ground truth", "predicted as", "pixels", "share of the true class"], "th")]
-    rows += [_row([html.escape(names[r]), html.escape(names[c]), str(pixels), f"{share:.4f}"])
+    rows += [_row([html.escape(names[r]), html.escape(names[c]), count(pixels), f"{share:.4f}"])
              for r, c, pixels, share in pairs]
-    return '<table class="pairs">' + "".join(rows) + "</table>"
+    return f'<p>{rule}</p><table class="pairs">' + "".join(rows) + "</table>"
 
 
-def _worst_section(worst: list[ImageScore], vis_folder: str) -> str:
+def _legend(names: list[str], colors: np.ndarray) -> str:
+    """The colours of the prediction and truth panels, and of the error map."""
+    classes = "".join(f'<span class="key">{_swatch(colors[c])}{html.escape(names[c])}</span>'
+                      for c in range(len(names)))
+    errors = "".join(f'<span class="key">{_swatch(rgb)}{what}</span>'
+                     for rgb, what in ((WRONG_RGB, "wrong"), (IGNORED_RGB, "ignored")))
+    return f'<p class="legend">Classes: {classes}<br>Error map: {errors}, correct pixels show the image dimmed</p>'
+
+
+def _worst_section(worst: list[ImageScore], asked: int, vis_folder: str, names: list[str],
+                   colors: np.ndarray) -> str:
+    """The worst images with their scores and panels; nothing at all when none were asked for."""
+    if asked == 0:
+        return ""
     if not worst:
-        return "<p>No image ranked (TEST.report_worst is 0, or no image has a valid pixel).</p>"
-    parts = ["<p>Each row: image | prediction | ground truth | errors (red: wrong, grey: ignored).</p>"]
+        return "<h2>The worst images</h2><p>No image ranked: no image has a valid pixel.</p>"
+    parts = [f"<h2>The {len(worst)} worst images, by mIoU</h2>",
+             "<p>Each row: image | prediction | ground truth | errors.</p>", _legend(names, colors)]
     for rank, s in enumerate(worst, start=1):
         parts.append(f'<div class="worst" data-name="{html.escape(s.name)}"><h3>{rank}. {html.escape(s.name)}</h3>'
                      f'<p>mIoU <span class="miou">{fmt(s.miou)}</span>, pixel accuracy '
-                     f'<span class="acc">{fmt(s.pixel_acc)}</span>, valid pixels {s.valid}</p>'
+                     f'<span class="acc">{fmt(s.pixel_acc)}</span>, valid pixels {count(s.valid)}</p>'
                      f'<img src="{quote(f"{vis_folder}/{s.name}.png")}" alt="{html.escape(s.name)}"></div>')
     return "".join(parts)
 
 
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:80em}table{border-collapse:collapse}
 td,th{padding:2px 8px;text-align:left;border-bottom:1px solid #ddd}.barcell{width:16em}
-.bar{background:#4a7ebb;height:0.9em}.means b{font-size:1.3em;margin-right:1.5em}
+.bar{background:#4a7ebb;height:0.9em}
+.swatch{display:inline-block;width:0.9em;height:0.9em;margin-right:0.4em;border:1px solid #888;vertical-align:middle}
+.key{margin-right:1em;white-space:nowrap}td.pixels{text-align:right}.means b{font-size:1.3em;margin-right:1.5em}
 img{max-width:100%;image-rendering:pixelated}.worst img{min-width:40em}"""
 
 
-def write_report(path: Path, run: dict[str, str], scores: SegScores, names: list[str], conf: np.ndarray,
-                 worst: list[ImageScore], heatmap: str, vis_folder: str, files: list[str]) -> None:
-    """The static page: `run` (label -> value) describes the run; heatmap, vis_folder and
-    files are paths relative to the page's folder."""
+def write_report(path: Path, run: dict[str, str], scores: SegScores, names: list[str], colors: np.ndarray,
+                 conf: np.ndarray, worst: list[ImageScore], asked: int, heatmap: str, vis_folder: str,
+                 files: list[str]) -> None:
+    """The static page: `run` (label -> value) describes the run; `asked` is TEST.report_worst, of
+    which `worst` are the images ranked; heatmap, vis_folder and files are paths relative to the
+    page's folder."""
     run_rows = "".join(_row([html.escape(k), html.escape(str(v))]) for k, v in run.items())
     links = " ".join(f'<a href="{quote(f)}">{html.escape(f)}</a>' for f in files)
     page = f"""<!DOCTYPE html>
@@ -210,14 +245,13 @@ def write_report(path: Path, run: dict[str, str], scores: SegScores, names: list
 <p class="means">mIoU <b id="mIoU">{fmt(scores.miou)}</b> mAcc <b id="mAcc">{fmt(scores.macc)}</b>
 allAcc <b id="allAcc">{fmt(scores.allacc)}</b></p>
 <h2>Per-class scores, by IoU</h2>
-{_class_table(scores, names)}
+{_class_table(scores, names, colors)}
 <h2>Most-confused class pairs</h2>
-{_pairs_table(confused_pairs(conf), names)}
+{_pairs_section(confused_pairs(conf), names)}
 <h2>Confusion matrix</h2>
 <p>Rows are the true classes, columns the predictions; a cell is the share of the row's pixels.</p>
 <img src="{quote(heatmap)}" alt="confusion matrix">
-<h2>The {len(worst)} worst images, by mIoU</h2>
-{_worst_section(worst, vis_folder)}
+{_worst_section(worst, asked, vis_folder, names, colors)}
 </body></html>
 """
     path.write_text(page, encoding="utf-8")
@@ -241,5 +275,5 @@ def write_evaluation_report(save: Path, cfg, config_path: str, dataset, per_imag
     run = {"config": config_path, "model": evaluated_network(cfg),
            "network": f"{ARCH_NAMES.get(cfg.arch, cfg.arch)}, ResNet-{cfg.layers}", "list": cfg.test_list,
            "images": len(per_image), "scales": cfg.scales, "flip": cfg.flip}
-    write_report(save / "report.html", run, scores, names, conf, worst, "confusion.png", "vis",
-                 ["metrics.json", "per_image.csv", "config.yaml"])
+    write_report(save / "report.html", run, scores, names, colors, conf, worst, cfg.report_worst, "confusion.png",
+                 "vis", ["metrics.json", "per_image.csv", "config.yaml"])
