@@ -17,6 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from util.threads import set_openmp_defaults, set_process_threads  # noqa: E402
+
+set_openmp_defaults()  # before torch loads OpenMP, which reads its wait settings once
 import numpy as np  # noqa: E402
 
 from util.checkpoint import check_writable  # noqa: E402
@@ -59,6 +62,7 @@ def main() -> None:
     output = Path(args.output or Path(cfg.save_folder) / "demo")
     check_writable(output, "--output")
 
+    set_process_threads()
     predictor = Predictor.from_config(cfg)
     progress = Progress(len(images))
     for done, path in enumerate(images, start=1):
