@@ -132,13 +132,13 @@ def subset_list(list_path: str, samples: int, path: Path) -> str:
 @contextlib.contextmanager
 def busy_neighbour(busy: bool):
     """One single-threaded process spinning on the CPU for the duration, when `busy`: the other job
-    on a shared machine."""
+    on a shared machine (yields its Popen, or None)."""
     if not busy:
-        yield
+        yield None
         return
     neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        yield
+        yield neighbour
     finally:
         neighbour.kill()
         neighbour.wait()
