@@ -117,7 +117,8 @@ def probe(env: dict, launcher: list[str] = ()) -> list[str]:
     return out.stdout.split()
 
 
-@pytest.mark.skipif(shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2, reason="needs taskset, 2 cores")
+@pytest.mark.skipif(shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs taskset and 2 cores")
 def test_threads_follow_the_affinity_mask():
     assert probe({}, ["taskset", "-c", "0"])[:3] == ["1", "1", "1"]
     assert probe({}, ["taskset", "-c", "0,1"])[:3] == ["2", "2", "2"]

@@ -390,7 +390,8 @@ def print_tables(result: dict) -> None:
 def print_contention(c: dict) -> None:
     print(f"\nbeside one busy process ({c['samples']} training samples per epoch, test.py on {c['images']} images, "
           f"median of {c['rounds']} round(s)):\n\n| tree | training quiet (images/s) | training busy (images/s) "
-          "| training slowdown | test.py quiet (s) | test.py busy (s) | test.py slowdown |\n|---|---|---|---|---|---|---|")
+          "| training slowdown | test.py quiet (s) | test.py busy (s) | test.py slowdown |\n"
+          "|---|---|---|---|---|---|---|")
     for name, t in c["trees"].items():
         print(f"| {name} | {t['train_quiet_images_per_s']:.2f} | {t['train_busy_images_per_s']:.2f} "
               f"| {t['train_slowdown']:.2f}x | {t['test_quiet_s']:.1f} | {t['test_busy_s']:.1f} "

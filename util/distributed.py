@@ -165,8 +165,8 @@ def default_workers(workers: int, local_processes: int, env: Mapping[str, str] =
     cores = max(1, usable_cores() // local_processes)
     if workers < 0:
         return min(4, cores), None
-    return capped_workers((workers + local_processes - 1) // local_processes, cores, env,
-                          f"{key} {workers}" + (f" (per node, {local_processes} processes)" if local_processes > 1 else ""))
+    setting = f"{key} {workers}" + (f" (per node, {local_processes} processes)" if local_processes > 1 else "")
+    return capped_workers((workers + local_processes - 1) // local_processes, cores, env, setting)
 
 
 def _resolve_backend(cfg_backend: str) -> str:
