@@ -20,7 +20,7 @@
     tool/test.py on a few images (wall seconds), quiet and then beside one single-threaded busy
     process that the benchmark starts and stops; the slowdown ratios and the quiet throughput.
     --baseline REV runs REV's tools too (from `git archive`), interleaved, on the same data.
-    About 5 minutes on 2 cores with a baseline, 2 with --quick.
+    About 6 minutes on 2 quiet cores with a baseline, 3 with --quick.
 The device is CUDA when available, else the CPU.
 """
 from __future__ import annotations
