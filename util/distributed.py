@@ -156,8 +156,8 @@ def local_world_size(env: Mapping[str, str]) -> int:
     return 1
 
 
-def default_workers(workers: int, local_processes: int, env: Mapping[str, str] = os.environ,
-                    key: str = "TRAIN.workers") -> tuple[int, str | None]:
+def default_workers(workers: int, local_processes: int,
+                    env: Mapping[str, str] = os.environ) -> tuple[int, str | None]:
     """Data-loader workers of one process (train.py and test.py alike), and the notice line when the
     configured number was lowered. TRAIN.workers counts per node, as in semseg, and is split across
     the node's processes; -1 picks min(4, cores per process). Cores are those this process may run
@@ -165,7 +165,7 @@ def default_workers(workers: int, local_processes: int, env: Mapping[str, str] =
     cores = max(1, usable_cores() // local_processes)
     if workers < 0:
         return min(4, cores), None
-    setting = f"{key} {workers}" + (f" (per node, {local_processes} processes)" if local_processes > 1 else "")
+    setting = f"TRAIN.workers {workers}" + (f" (per node, {local_processes} processes)" if local_processes > 1 else "")
     return capped_workers((workers + local_processes - 1) // local_processes, cores, env, setting)
 
 
