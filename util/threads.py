@@ -4,8 +4,8 @@ Three things make a busy neighbour cost far more than its share of the cores:
 - OpenMP threads that spin while they wait. libgomp (PyTorch's OpenMP on Linux) busy-waits
   300,000 rounds at every parallel region's barrier before it sleeps; when the thread it waits
   for has lost its core to another process, the spinning burns the time that thread needed.
-  Measured on 2 cores beside other jobs (12 toy images, 3 scales + flip): 55-80 s as shipped,
-  10-13 s with GOMP_SPINCOUNT 0 or 1000, 19 s at 10,000, 34 s at 50,000. `openmp_defaults`
+  Measured on 2 cores beside other jobs (PSPNet-18, 3 toy images, 3 scales + flip): 35-80 s as
+  shipped, 10-13 s with GOMP_SPINCOUNT 0 or 1000, 19 s at 10,000, 34 s at 50,000. `openmp_defaults`
   shortens the spin unless the user chose a wait policy; it must reach the environment before
   libgomp loads, i.e. before `import torch`: tools call `set_openmp_defaults()` first.
 - Thread counts from the machine instead of the process: PyTorch starts one thread per CPU in
@@ -16,8 +16,8 @@ Three things make a busy neighbour cost far more than its share of the cores:
 
 User settings win: OMP_NUM_THREADS / MKL_NUM_THREADS keep PyTorch's own thread count,
 OMP_WAIT_POLICY / GOMP_SPINCOUNT keep the wait behaviour, SEMSEG_FORCE_WORKERS=1 keeps the
-configured data workers. Everything here is a pure function of its arguments but the three
-`set_`/`init_` functions that apply it.
+configured data workers. The `set_`/`init_` functions apply the plan; the others are functions
+of their arguments (the cores default to the live process's).
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-# Spin rounds before an idle OpenMP thread sleeps (about 25 us here): long enough to catch the next
-# parallel region of a quiet run, short enough not to hold a core another process could use.
+# Spin rounds before an idle OpenMP thread sleeps (tens of microseconds): long enough to catch the
+# next parallel region of a quiet run, short enough not to hold a core another process could use.
 SPIN_COUNT = "1000"
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
