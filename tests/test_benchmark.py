@@ -32,3 +32,14 @@ def test_onnx_section_compares_onnxruntime_with_pytorch(tmp_path):
     onnx = json.loads((tmp_path / "o.json").read_text())["onnx"]
     assert onnx["pytorch_s"] > 0 and onnx["onnxruntime_s"] > 0 and onnx["max_abs_difference"] < 1e-4
     assert onnx["speedup"] == onnx["pytorch_s"] / onnx["onnxruntime_s"] and "| onnxruntime (s/window) |" in out.stdout
+
+
+def test_contention_neighbour_is_started_and_stopped(monkeypatch):
+    """--contention's busy process lives exactly as long as the measurement it surrounds."""
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")  # importing the tool would otherwise set it for later tests
+    from tool.benchmark import busy_neighbour
+    with busy_neighbour(False) as none:
+        assert none is None
+    with busy_neighbour(True) as neighbour:
+        assert neighbour.poll() is None
+    assert neighbour.poll() is not None

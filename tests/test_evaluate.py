@@ -50,7 +50,7 @@ def test_evaluation_loader_follows_the_training_worker_rule(tiny_toy, tmp_path, 
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
     cfg = load_config(write_config(tmp_path / "cfg.yaml", tiny_toy, TRAIN={"workers": workers}))
     images = ScaledImages(dataset_from_config(cfg, cfg.test_list, "val"), list(range(8)), [64])
-    assert make_loader(cfg, SimpleNamespace(device=torch.device("cpu")), images).num_workers == expected
+    assert make_loader(cfg, SimpleNamespace(device=torch.device("cpu"), is_main=True), images).num_workers == expected
 
 
 @pytest.mark.slow

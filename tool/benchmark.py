@@ -4,6 +4,7 @@
   python tool/benchmark.py --train-config=config/toy/toy_pspnet18.yaml
   python tool/benchmark.py --train-layers 50 --train-crop 473 --train-batch 8 --train-samples 80 \
       --eval-layers 50 --eval-classes 150 --eval-size 512x683 --eval-crop 473 --psa-size 465   # GPU rows
+  python tool/benchmark.py --contention --baseline e6588b7   # shared machine, this tree against e6588b7
 
 (a) training: tool/train.py itself runs 2 short epochs per mode on the config's data and the
     second epoch's "speed" line is read: images/s, data-wait share, peak host RSS, CUDA max
@@ -15,15 +16,22 @@
 (d) memory (--only memory): peak memory of one multi-scale evaluation of one image.
 (e) ONNX (--only onnx): the network exported by tool/export.py's code, per-window time in
     onnxruntime (CPU) against PyTorch fp32 on the CPU, in test.py's CPU batches of 2 windows.
+(f) contention (--contention, alone): toy training steps (tool/train.py's epoch-2 images/s) and
+    tool/test.py on a few images (wall seconds), quiet and then beside one single-threaded busy
+    process that the benchmark starts and stops; the slowdown ratios and the quiet throughput.
+    --baseline REV runs REV's tools too (from `git archive`), interleaved, on the same data.
+    About 6 minutes on 2 quiet cores with a baseline, 3 with --quick.
 The device is CUDA when available, else the CPU.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +42,10 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from util.threads import set_openmp_defaults  # noqa: E402
+
+USER_ENV = dict(os.environ)  # what the trees compared by --contention start from, untouched by this tree
+set_openmp_defaults()  # before torch loads OpenMP, as the tools do
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -73,39 +85,130 @@ def train_modes(quick: bool) -> list[tuple[str, bool]]:
     return [(amp, cl) for amp in ("off", "bf16", "fp16") for cl in (False, True)]
 
 
+def train_command(tree: Path, config: str, layers: int, crop: int, batch: int, train_list: str, save_path: str,
+                  amp: str = "off", channels_last: bool = False, extra: tuple[str, ...] = ()) -> list[str]:
+    """tool/train.py of `tree` for 2 short epochs, one process, printing its epoch-2 speed line."""
+    return [sys.executable, str(tree / "tool" / "train.py"), f"--config={config}", "TRAIN.epochs", "2",
+            "TRAIN.evaluate", "False", "TRAIN.save_path", save_path, "TRAIN.amp", amp,
+            "TRAIN.channels_last", str(channels_last), "TRAIN.batch_size", str(batch), "TRAIN.train_h", str(crop),
+            "TRAIN.train_w", str(crop), "TRAIN.print_freq", "1000", "TRAIN.manual_seed", "0",
+            "TRAIN.layers", str(layers),
+            "Distributed.multiprocessing_distributed", "False",  # one process: single-device rows
+            "DATA.train_list", train_list, *extra]
+
+
+def read_speed(out: subprocess.CompletedProcess) -> dict:
+    """The fields of train.py's epoch-2 speed line, or {'error': the last line of stderr}."""
+    found = SPEED_LINE.search(out.stdout)
+    if found is None:
+        return {"error": (out.stderr.strip().splitlines() or ["no speed line"])[-1][:200]}
+    return {"images_per_s": float(found[1]), "data_wait_pct": float(found[2]), "peak_rss_mib": int(found[3]),
+            "data_workers": int(found[4]), "worker_peak_rss_mib": int(found[5]), "cuda_max_alloc_mib": int(found[6])}
+
+
 def bench_training(config: str, layers: int, crop: int, batch: int, samples: int, device: torch.device,
                    quick: bool, extra: list[str]) -> list[dict]:
     """Run tool/train.py for 2 epochs per mode and read its epoch-2 speed line."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        train_list = subset_list(load_config(config).train_list, samples, Path(tmp) / "train_subset.txt")
         for amp, channels_last in train_modes(quick):
-            cmd = [sys.executable, str(REPO / "tool" / "train.py"), f"--config={config}", "TRAIN.epochs", "2",
-                   "TRAIN.evaluate", "False", "TRAIN.save_path", f"{tmp}/{amp}{int(channels_last)}",
-                   "TRAIN.amp", amp, "TRAIN.channels_last", str(channels_last), "TRAIN.batch_size", str(batch),
-                   "TRAIN.train_h", str(crop), "TRAIN.train_w", str(crop), "TRAIN.print_freq", "1000",
-                   "TRAIN.manual_seed", "0", "TRAIN.layers", str(layers),
-                   "Distributed.multiprocessing_distributed", "False",  # one process: single-device rows
-                   "DATA.train_list", subset_list(config, samples, tmp), *extra]
+            cmd = train_command(REPO, config, layers, crop, batch, train_list, f"{tmp}/{amp}{int(channels_last)}",
+                                amp, channels_last, tuple(extra))
             out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-            found = SPEED_LINE.search(out.stdout)
-            row = {"amp": amp, "channels_last": channels_last}
-            if found is None:
-                row["error"] = (out.stderr.strip().splitlines() or ["no speed line"])[-1][:200]
-            else:
-                row.update(images_per_s=float(found[1]), data_wait_pct=float(found[2]), peak_rss_mib=int(found[3]),
-                           data_workers=int(found[4]), worker_peak_rss_mib=int(found[5]),
-                           cuda_max_alloc_mib=int(found[6]))
+            row = {"amp": amp, "channels_last": channels_last, **read_speed(out)}
             rows.append(row)
             print(f"  train amp={amp} channels_last={channels_last}: {row}", flush=True)
     return rows
 
 
-def subset_list(config: str, samples: int, tmp: str) -> str:
-    """The first `samples` lines of the config's train_list, so an epoch is short."""
-    lines = Path(load_config(config).train_list).read_text().splitlines()
-    path = Path(tmp) / "train_subset.txt"
+def subset_list(list_path: str, samples: int, path: Path) -> str:
+    """The first `samples` lines of a list file (repeated when it is shorter), written to `path`."""
+    lines = Path(list_path).read_text().splitlines()
     path.write_text("\n".join((lines * (samples // max(len(lines), 1) + 1))[:samples]) + "\n")
     return str(path)
+
+
+@contextlib.contextmanager
+def busy_neighbour(busy: bool):
+    """One single-threaded process spinning on the CPU for the duration, when `busy`: the other job
+    on a shared machine (yields its Popen, or None)."""
+    if not busy:
+        yield None
+        return
+    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield neighbour
+    finally:
+        neighbour.kill()
+        neighbour.wait()
+
+
+def baseline_tree(ref: str, tmp: Path) -> Path:
+    """The files of git revision `ref` of this repository, unpacked under tmp."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", ref], capture_output=True)
+    if archive.returncode != 0:
+        sys.exit(f"error: --baseline {ref}: {archive.stderr.decode().strip()}")
+    tree = tmp / "baseline"
+    tree.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    return tree
+
+
+def median_of(runs: list[dict], tree: str, kind: str, busy: bool, field: str) -> float:
+    return statistics.median(r[field] for r in runs if (r["tree"], r["kind"], r["busy"]) == (tree, kind, busy))
+
+
+def bench_contention(config: str, samples: int, images: int, rounds: int, baseline: str | None) -> dict:
+    """Toy training steps (epoch-2 images/s of tool/train.py) and tool/test.py on `images` images
+    (wall seconds, start-up included), quiet and beside one busy process; with `baseline`, the same
+    runs of that git revision interleaved with this tree's, so both see the same machine."""
+    cfg = load_config(config)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        trees = {"this tree": REPO, **({f"baseline {baseline}": baseline_tree(baseline, tmp)} if baseline else {})}
+        train_list = subset_list(cfg.train_list, samples, tmp / "train_subset.txt")
+        test_list = subset_list(cfg.test_list, images, tmp / "test_subset.txt")
+        runs = []
+
+        def run(name: str, kind: str, busy: bool, cmd: list[str]) -> subprocess.CompletedProcess:
+            load = os.getloadavg()[0]
+            with busy_neighbour(busy):
+                start = time.perf_counter()
+                out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=USER_ENV)
+                seconds = time.perf_counter() - start
+            if out.returncode != 0:
+                sys.exit(f"error: {kind} of {name} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+            runs.append({"tree": name, "kind": kind, "busy": busy, "seconds": seconds, "load_before": load})
+            print(f"  {name}: {kind} {'busy' if busy else 'quiet'} {seconds:.1f} s (load average {load:.2f})",
+                  flush=True)
+            return out
+
+        checkpoint = ""
+        for _ in range(rounds):
+            for busy in (False, True):  # the trees alternate, so a change in the machine's load hits both
+                for name, tree in trees.items():
+                    save_path = str(tmp / "train" / name.replace(" ", "_"))
+                    out = run(name, "train", busy, train_command(tree, config, cfg.layers, cfg.train_h,
+                                                                 cfg.batch_size, train_list, save_path))
+                    speed = read_speed(out)
+                    if "error" in speed:
+                        sys.exit(f"error: training of {name}: {speed['error']}")
+                    runs[-1]["images_per_s"] = speed["images_per_s"]
+                    checkpoint = checkpoint or str(Path(save_path) / "train_epoch_2.pth")
+            for busy in (False, True):
+                for name, tree in trees.items():
+                    run(name, "test", busy, [sys.executable, str(tree / "tool" / "test.py"), f"--config={config}",
+                                             "TEST.test_list", test_list, "TEST.model_path", checkpoint,
+                                             "TEST.save_folder", str(tmp / "test" / name.replace(" ", "_"))])
+        for name in trees:
+            train_quiet, train_busy = (median_of(runs, name, "train", b, "images_per_s") for b in (False, True))
+            test_quiet, test_busy = (median_of(runs, name, "test", b, "seconds") for b in (False, True))
+            results[name] = {"train_quiet_images_per_s": train_quiet, "train_busy_images_per_s": train_busy,
+                             "train_slowdown": train_quiet / train_busy, "test_quiet_s": test_quiet,
+                             "test_busy_s": test_busy, "test_slowdown": test_busy / test_quiet}
+    return {"images": images, "samples": samples, "rounds": rounds, "trees": results, "runs": runs}
 
 
 class TimedModel(torch.nn.Module):
@@ -274,12 +377,31 @@ def print_tables(result: dict) -> None:
               f"{p['loop']['collect']['loop_ms']:.1f} | {p['loop']['distribute']['loop_ms']:.1f} |")
         print(f"\nPSANet-50 forward at {p['psanet50_input']}x{p['psanet50_input']} (mask {p['mask']}): "
               f"{p['forward_ms']:.1f} ms, psa_mask x2 {p['psa_mask_ms']:.2f} ms = {p['share_pct']:.2f}%")
+    if result.get("contention"):
+        print_contention(result["contention"])
     if result.get("onnx"):
         o = result["onnx"]
         print("\n| model | window | PyTorch fp32 (s/window) | onnxruntime (s/window) | speed-up | max abs diff |"
               f"\n|---|---|---|---|---|---|\n| {o['model']} {o['classes']} cl. | {o['crop']} (batches of {o['batch']}) "
               f"| {o['pytorch_s']:.3f} | {o['onnxruntime_s']:.3f} | {o['speedup']:.2f}x "
               f"| {o['max_abs_difference']:.1e} |")
+
+
+def print_contention(c: dict) -> None:
+    print(f"\nbeside one busy process ({c['samples']} training samples per epoch, test.py on {c['images']} images, "
+          f"median of {c['rounds']} round(s)):\n\n| tree | training quiet (images/s) | training busy (images/s) "
+          "| training slowdown | test.py quiet (s) | test.py busy (s) | test.py slowdown |\n"
+          "|---|---|---|---|---|---|---|")
+    for name, t in c["trees"].items():
+        print(f"| {name} | {t['train_quiet_images_per_s']:.2f} | {t['train_busy_images_per_s']:.2f} "
+              f"| {t['train_slowdown']:.2f}x | {t['test_quiet_s']:.1f} | {t['test_busy_s']:.1f} "
+              f"| {t['test_slowdown']:.2f}x |")
+    trees = list(c["trees"].values())
+    if len(trees) == 2:
+        ours, base = trees
+        training = ours["train_quiet_images_per_s"] / base["train_quiet_images_per_s"]
+        print(f"\nquiet, this tree against the baseline: training {training:.2f}x the images/s, "
+              f"test.py {ours['test_quiet_s'] / base['test_quiet_s']:.2f}x the seconds")
 
 
 def main() -> None:
@@ -301,13 +423,21 @@ def main() -> None:
     parser.add_argument("--only", default="train,eval,psa",
                         help="comma list of sections: train, eval, memory, psa, onnx "
                              "(memory and onnx use the --eval-* sizes)")
+    parser.add_argument("--contention", action="store_true",
+                        help="only (f): toy training and test.py, quiet and beside one busy process")
+    parser.add_argument("--contention-samples", type=int, default=32, help="training samples per epoch for (f)")
+    parser.add_argument("--contention-images", type=int, default=12, help="test.py images for (f)")
+    parser.add_argument("--contention-rounds", type=int, default=1, help="rounds of (f); medians are reported")
+    parser.add_argument("--baseline", default="",
+                        help="git revision whose tools (f) runs too, interleaved with this tree's, e.g. e6588b7")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (best kept)")
     parser.add_argument("--json", default="exp/benchmark.json", help="where to write the JSON")
     if parser.parse_known_args()[0].quick:  # smaller defaults; options given explicitly still win
-        parser.set_defaults(train_samples=16, psa_size=129, eval_size="120x150", repeats=1)
+        parser.set_defaults(train_samples=16, psa_size=129, eval_size="120x150", repeats=1, contention_samples=16,
+                            contention_images=4)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sections = set(args.only.split(","))
+    sections = {"contention"} if args.contention else set(args.only.split(","))
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{os.cpu_count()}",
               "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args)}
     if "train" in sections:
@@ -328,6 +458,10 @@ def main() -> None:
     if "psa" in sections:
         print("PSA op ...", flush=True)
         result["psa"] = bench_psa(args.psa_size, 6 if args.quick else 10, device, args.repeats)
+    if "contention" in sections:
+        print("contention ...", flush=True)
+        result["contention"] = bench_contention(args.train_config, args.contention_samples, args.contention_images,
+                                                args.contention_rounds, args.baseline or None)
     if "onnx" in sections:
         print("ONNX export and onnxruntime ...", flush=True)
         result["onnx"] = bench_onnx(args.eval_layers, args.eval_classes, args.eval_crop, args.repeats)

@@ -22,6 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from util.threads import set_openmp_defaults, set_process_threads  # noqa: E402
+
+set_openmp_defaults()  # before torch loads OpenMP, which reads its wait settings once
 import numpy as np  # noqa: E402
 
 from util.checkpoint import check_writable  # noqa: E402
@@ -76,6 +79,7 @@ def main() -> None:
     output = Path(args.output or default_output(cfg))
     check_writable(output, "--output")
 
+    set_process_threads()
     predictor = Predictor.from_config(cfg)
     if video:
         names = read_names(cfg.names_path, cfg.classes) if cfg.names_path else None

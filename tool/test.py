@@ -24,6 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from util.threads import init_data_worker, set_openmp_defaults, set_process_threads  # noqa: E402
+
+set_openmp_defaults()  # before torch loads OpenMP, which reads its wait settings once
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
@@ -72,9 +75,12 @@ def selected_indices(cfg: Config, total: int) -> list[int]:
 
 def make_loader(cfg: Config, info: DistInfo, images: ScaledImages) -> DataLoader:
     """Images in list order, decoded and scaled by as many workers as training would use
-    (TRAIN.workers), never more than there are images."""
-    workers = min(default_workers(cfg.workers, local_world_size(os.environ)), len(images))
-    return DataLoader(images, batch_size=None, shuffle=False, num_workers=workers,
+    (TRAIN.workers, capped at the cores), never more than there are images."""
+    workers, notice = default_workers(cfg.workers, local_world_size(os.environ))
+    if notice and info.is_main:
+        logger.warning(notice)
+    workers = min(workers, len(images))
+    return DataLoader(images, batch_size=None, shuffle=False, num_workers=workers, worker_init_fn=init_data_worker,
                       prefetch_factor=2 if workers > 0 else None, pin_memory=info.device.type == "cuda")
 
 
@@ -89,6 +95,7 @@ def main() -> None:
     args = parse_args()
     cfg = load_config(args.config, args.opts)
     info = init_distributed(cfg.dist_backend, cfg.dist_timeout)
+    set_process_threads(local_world_size(os.environ))
     save = Path(cfg.save_folder)
     if info.is_main:
         check_writable(save, "TEST.save_folder")

@@ -22,6 +22,9 @@ from urllib.parse import urlparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from util.threads import init_data_worker, set_openmp_defaults, set_process_threads  # noqa: E402
+
+set_openmp_defaults()  # before torch loads OpenMP, which reads its wait settings once
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
@@ -83,7 +86,7 @@ def make_train_loader(cfg: Config, info: DistInfo, seed: int, workers: int) -> t
                           f"{cfg.train_list}: {e}") from None
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                         pin_memory=info.device.type == "cuda", persistent_workers=workers > 0,
-                        prefetch_factor=4 if workers > 0 else None,
+                        prefetch_factor=4 if workers > 0 else None, worker_init_fn=init_data_worker,
                         generator=torch.Generator().manual_seed(seed))  # keeps the global RNG untouched
     return loader, sampler
 
@@ -94,7 +97,7 @@ def make_val_loader(cfg: Config, info: DistInfo, workers: int) -> DataLoader:
     dataset = dataset_from_config(cfg, cfg.val_list, "val", build_val_transform(cfg))
     shard = torch.utils.data.Subset(dataset, shard_indices(len(dataset), info.rank, info.world_size))
     return DataLoader(shard, batch_size=max(1, cfg.batch_size_val // info.world_size), shuffle=False,
-                      num_workers=workers, pin_memory=info.device.type == "cuda")
+                      num_workers=workers, pin_memory=info.device.type == "cuda", worker_init_fn=init_data_worker)
 
 
 def imagenet_start(cfg: Config) -> Path | None:
@@ -188,8 +191,7 @@ def train_worker(cfg: Config, imagenet: Path | None) -> None:
         logger.info("TRAIN.manual_seed not set; using %d", seed)
     torch.manual_seed(seed)
     torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest kernels
-    if info.device.type == "cpu" and info.world_size > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
+    threads = set_process_threads(local_world_size(os.environ))
 
     net = prepare_model(cfg, info, imagenet)
     optimizer = build_optimizer(net, cfg.base_lr, cfg.momentum, cfg.weight_decay)
@@ -222,14 +224,16 @@ def train_worker(cfg: Config, imagenet: Path | None) -> None:
     if cfg.compile:
         model = torch.compile(model)
 
-    workers = default_workers(cfg.workers, local_world_size(os.environ))
+    workers, notice = default_workers(cfg.workers, local_world_size(os.environ))
+    if notice and info.is_main:
+        logger.warning(notice)
     train_loader, sampler = make_train_loader(cfg, info, seed, workers)
     val_loader = make_val_loader(cfg, info, workers) if cfg.evaluate else None
     steps = sampler.steps_per_epoch
     max_iter = cfg.epochs * steps
     logger.info("global batch %d = %d process(es) x %d accumulation step(s) x %d; %d steps/epoch, %d epochs; "
-                "%d data workers per process", cfg.batch_size, info.world_size, cfg.accum_steps,
-                sampler.micro_batch_size, steps, cfg.epochs, workers)
+                "%d data workers and %d CPU threads per process", cfg.batch_size, info.world_size, cfg.accum_steps,
+                sampler.micro_batch_size, steps, cfg.epochs, workers, threads)
     writer = SummaryWriter(str(save_path)) if info.is_main else None
 
     progress = Progress(max_iter, start=start_epoch * steps)

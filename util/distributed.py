@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from util.errors import ConfigError
+from util.threads import capped_workers, usable_cores
 
 logger = logging.getLogger(__name__)
 
@@ -155,15 +156,17 @@ def local_world_size(env: Mapping[str, str]) -> int:
     return 1
 
 
-def default_workers(workers: int, local_processes: int) -> int:
-    """Data-loader workers of one process (train.py and test.py alike): TRAIN.workers counts per
-    node, as in semseg, and is split across the node's processes; -1 picks min(4, cores per process).
-    Cores are those this process may run on, as PyTorch's DataLoader counts them before it warns
-    about too many workers."""
-    if workers >= 0:
-        return (workers + local_processes - 1) // local_processes
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(4, max(1, cores // local_processes))
+def default_workers(workers: int, local_processes: int,
+                    env: Mapping[str, str] = os.environ) -> tuple[int, str | None]:
+    """Data-loader workers of one process (train.py and test.py alike), and the notice line when the
+    configured number was lowered. TRAIN.workers counts per node, as in semseg, and is split across
+    the node's processes; -1 picks min(4, cores per process). Cores are those this process may run
+    on (util.threads.usable_cores); more workers than that are capped, unless the user forces them."""
+    cores = max(1, usable_cores() // local_processes)
+    if workers < 0:
+        return min(4, cores), None
+    setting = f"TRAIN.workers {workers}" + (f" (per node, {local_processes} processes)" if local_processes > 1 else "")
+    return capped_workers((workers + local_processes - 1) // local_processes, cores, env, setting)
 
 
 def _resolve_backend(cfg_backend: str) -> str:
