@@ -53,7 +53,9 @@ from lib.psa import psa_mask, psa_mask_reference  # noqa: E402
 from model import build_model  # noqa: E402
 from model.psanet import PSANet, default_psa_mask_size  # noqa: E402
 from model.pspnet import PSPNet  # noqa: E402
+from util.cli import run_main  # noqa: E402
 from util.config import load_config  # noqa: E402
+from util.errors import DataError  # noqa: E402
 from util.inference import multi_scale_predict, resize_image, window_batch_size, window_grid  # noqa: E402
 from util.onnx_model import OnnxNetwork, export_metadata, export_onnx, max_abs_difference  # noqa: E402
 from util.reference_inference import reference_predict  # noqa: E402
@@ -124,6 +126,9 @@ def bench_training(config: str, layers: int, crop: int, batch: int, samples: int
 
 def subset_list(list_path: str, samples: int, path: Path) -> str:
     """The first `samples` lines of a list file (repeated when it is shorter), written to `path`."""
+    if not Path(list_path).is_file():
+        raise DataError(f"{list_path}: no such list file; the benchmark runs on the toy dataset: "
+                        f"python tool/make_toy_dataset.py")
     lines = Path(list_path).read_text().splitlines()
     path.write_text("\n".join((lines * (samples // max(len(lines), 1) + 1))[:samples]) + "\n")
     return str(path)
@@ -476,4 +481,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
