@@ -3,9 +3,9 @@
 A URL is fetched with torch.hub.download_url_to_file (progress bar, a temporary name until
 complete) into <torch.hub.get_dir()>/checkpoints/<file name>, the folder torch.hub itself uses
 (TORCH_HOME moves it), and later runs reuse that copy. The hash is the torch.hub convention: a
-file named `name-<hex>.ext` must have a sha256 starting with <hex> (at least 8 digits). It is
-checked after the download and again on every reuse, so a damaged or tampered copy is refused
-and deleted, never loaded: one line, no file left behind.
+file named `name-<hex>.ext` must have a sha256 starting with <hex> (at least 8 digits). torch.hub
+checks it during the download and we check it again on every reuse, so a damaged or tampered copy
+is refused and deleted, never loaded: one line, no file left behind.
 """
 from __future__ import annotations
 
@@ -80,6 +80,8 @@ def fetch_url(url: str, config_key: str, sha256_prefix: str | None = None, hash_
     path = cache_folder() / name
     if path.is_file():
         logger.info("%s: using the cached copy %s of %s", config_key, path, url)
+        if expected is not None:  # a fresh download was checked by torch.hub; a cached copy may have changed since
+            verify_digest(path, "sha256", expected, f"{config_key}: {url}", remove=True)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         logger.info("%s: downloading %s to %s", config_key, url, path)
@@ -92,8 +94,6 @@ def fetch_url(url: str, config_key: str, sha256_prefix: str | None = None, hash_
                                   f"{expected}, the hash its name promises (a damaged or tampered copy)") from None
         except (URLError, socket.timeout, ConnectionError, OSError) as error:
             raise DownloadError(config_key, url, _reason(error)) from None
-    if expected is not None:
-        verify_digest(path, "sha256", expected, f"{config_key}: {url}", remove=True)
     return path
 
 
