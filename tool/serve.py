@@ -48,12 +48,19 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860  # 7860: the port Hugging Face Sp
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    defaults = Limits()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 opens the "
                              "server to every machine that can reach this one)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
+    add_limit_options(parser)
+    add_config_arguments(parser)
+    return parse_config_args(parser, argv)
+
+
+def add_limit_options(parser: argparse.ArgumentParser) -> None:
+    """The --max-* options; limits_of reads them."""
+    defaults = Limits()
     parser.add_argument("--max-upload-mb", type=float, default=defaults.upload_bytes / 2**20,
                         help="largest image upload in MiB (default %(default)g)")
     parser.add_argument("--max-pixels", type=int, default=defaults.pixels,
@@ -65,8 +72,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-queue", type=int, default=defaults.queue,
                         help="requests that may wait for the network before the server answers busy (503) "
                              "(default %(default)d)")
-    add_config_arguments(parser)
-    return parse_config_args(parser, argv)
 
 
 def limits_of(args: argparse.Namespace) -> Limits:
