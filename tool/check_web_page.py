@@ -40,12 +40,13 @@ from util.web_app import ServerThread  # noqa: E402
 
 logger = logging.getLogger("check_web_page")
 CHROMIUM = "/usr/bin/chromium"
-WINDOW = (960, 600)  # the screenshot's size in CSS pixels
+WINDOW = (900, 560)  # the screenshot's size in CSS pixels
 # What the page shows, read in the page: the overlay drawn, the legend's lines, an error line.
 PAGE_STATE = """({
   overlay: !document.getElementById("result").hidden && document.getElementById("mask").naturalWidth > 0,
   legend: [...document.querySelectorAll("#legend li")].map((li) => li.innerText.replace(/\\s+/g, " ").trim()),
   error: document.getElementById("error").textContent,
+  timing: document.getElementById("timing").textContent,
   seconds: Number(document.body.dataset.overlaySeconds) || null})"""
 
 
@@ -175,7 +176,8 @@ def main() -> int:
         raise UserError(f"the page shows an error: {state['error']}")
     if not state["overlay"] or not state["legend"]:
         raise UserError(f"the page shows no {'overlay' if not state['overlay'] else 'legend'}")
-    logger.info("overlay shown %.3f s after the upload; legend: %s", state["seconds"], "; ".join(state["legend"]))
+    logger.info("overlay shown %.3f s after the upload (the page: %s); legend: %s", state["seconds"], state["timing"],
+                "; ".join(state["legend"]))
     if args.screenshot:
         logger.info("screenshot %s", args.screenshot)
     return 0

@@ -155,7 +155,7 @@ class VideoJobs:
         try:
             reader = VideoReader(path)
         except DataError as err:  # its message starts "--video <path>: "; the client needs neither
-            raise Refused(400, "the video " + str(err).split(": ", 1)[-1]) from None
+            raise Refused(400, "the video upload: " + str(err).split(": ", 1)[-1]) from None
         frames, pixels = reader.announced, reader.width * reader.height
         problem = ""
         if frames > self.max_frames:
