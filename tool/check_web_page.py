@@ -21,6 +21,7 @@ import base64
 import json
 import logging
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -86,7 +87,8 @@ class Chromium:
                     if "error" in reply:
                         raise RuntimeError(f"Chromium: {method}: {reply['error'].get('message')}")
                     return reply["result"]
-            if time.monotonic() > deadline:
+            ready, _, _ = select.select([self.replies], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
                 raise TimeoutError(f"Chromium did not answer {method} within {self.timeout:g} s")
             chunk = os.read(self.replies, 1 << 16)
             if not chunk:

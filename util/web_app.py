@@ -97,7 +97,8 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         return decode_image_rgb(data, "upload")
     except DataError:
-        raise Refused(400, "the image cannot be decoded: it is corrupt or truncated") from None
+        raise Refused(400, "the image cannot be decoded: it is corrupt, truncated, or in a format OpenCV does "
+                           "not read (send JPEG or PNG)") from None
 
 
 async def read_upload(request: Request, limit: int, option: str) -> bytes:

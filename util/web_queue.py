@@ -89,7 +89,7 @@ class VideoJob:
         """What GET /video/<token> answers: state, frames done and total, seconds left, error."""
         eta = None
         if self.state == "running" and self.total and self.done:
-            eta = round((self.total - self.done) / self.progress.rate(self.done), 1)
+            eta = round(max(0, self.total - self.done) / self.progress.rate(self.done), 1)
         return {"state": self.state, "frames_done": self.done, "frames_total": self.total, "eta_seconds": eta,
                 "error": self.error}
 
@@ -169,7 +169,7 @@ class VideoJobs:
         return reader
 
     def run(self, job: VideoJob, reader: VideoReader) -> None:
-        job.state, job.progress = "running", Progress(job.total)
+        job.progress, job.state = Progress(job.total), "running"
         try:
             predictor = CountingPredictor(self.network, job, self.max_frames, self.stopping)
             job.overlay = segment_video(predictor, reader, job.folder, self.colors, self.names)[0]
@@ -185,7 +185,7 @@ class VideoJobs:
     def forget_old_jobs(self) -> None:
         """Delete all but the newest KEEP_FINISHED finished jobs (the caller holds the lock)."""
         finished = [job for job in self.jobs.values() if job.state in ("done", "failed")]
-        for job in finished[:-KEEP_FINISHED] if len(finished) > KEEP_FINISHED else []:
+        for job in finished[:-KEEP_FINISHED]:
             shutil.rmtree(job.folder, ignore_errors=True)
             del self.jobs[job.token]
 
