@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import fcntl
 import json
 import logging
 import os
@@ -51,22 +52,36 @@ PAGE_STATE = """({
   seconds: Number(document.body.dataset.overlaySeconds) || null})"""
 
 
+def descriptor_from_10(fd: int) -> int:
+    """The same open file on a descriptor numbered 10 or more; `fd` is closed."""
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
+    os.close(fd)
+    return moved
+
+
+def check_chromium(executable: str) -> None:
+    if not Path(executable).is_file():
+        raise UserError(f"--chromium {executable}: not found (Debian: apt-get install chromium)")
+
+
 class Chromium:
     """A headless Chromium and one page in it, driven by DevTools protocol commands over a pipe."""
 
     def __init__(self, executable: str = CHROMIUM, timeout: float = 30):
-        if not Path(executable).is_file():
-            raise UserError(f"--chromium {executable}: not found (Debian: apt-get install chromium)")
+        check_chromium(executable)
         self.timeout, self.next_id, self.buffer = timeout, 0, b""
         self.profile = tempfile.TemporaryDirectory(prefix="check-web-page-")
         to_chromium, self.commands = os.pipe()
         self.replies, from_chromium = os.pipe()
-        # Chromium reads commands on descriptor 3 and writes replies on 4.
+        # Chromium reads commands on descriptor 3 and writes replies on 4. bash moves the pipes there
+        # (a preexec_fn would run Python in the child of a threaded process); from 10 up, neither
+        # can be descriptor 3 or 4 before it is moved.
+        to_chromium, from_chromium = (descriptor_from_10(fd) for fd in (to_chromium, from_chromium))
         self.process = subprocess.Popen(
-            [executable, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--remote-debugging-pipe",
+            ["bash", "-c", f'exec "$@" 3<&{to_chromium} 4>&{from_chromium}', "bash", executable, "--headless",
+             "--no-sandbox", "--disable-gpu", "--no-first-run", "--remote-debugging-pipe",
              f"--user-data-dir={self.profile.name}", f"--window-size={WINDOW[0]},{WINDOW[1]}", "about:blank"],
-            pass_fds=(3, 4), preexec_fn=lambda: (os.dup2(to_chromium, 3), os.dup2(from_chromium, 4)),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            pass_fds=(to_chromium, from_chromium), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(to_chromium)
         os.close(from_chromium)
         self.session = ""
@@ -166,6 +181,7 @@ def main() -> int:
     image = Path(args.image)
     if not image.is_file():
         raise UserError(f"--image {image}: file not found")
+    check_chromium(args.chromium)
     set_process_threads()
     demo = build_demo(load_config(args.config, args.opts), limits_of(args), args.config)
     server = ServerThread(demo.app())
