@@ -16,13 +16,16 @@ import numpy as np
 import pytest
 
 from conftest import write_config
-from tool.check_web_page import CHROMIUM, check_page
-from tool.serve import DEFAULT_HOST, build_demo, exposure_warning, limits_of, listen, parse_args
 from util.config import load_config
 from util.errors import UserError
 from util.palette import colorize, read_colors
 from util.predictor import Predictor
 from util.web_app import ServerThread
+
+with pytest.MonkeyPatch.context() as patch:  # importing a tool sets GOMP_SPINCOUNT: keep it from later tests
+    patch.setenv("GOMP_SPINCOUNT", "1000")
+    from tool.check_web_page import CHROMIUM, check_page
+    from tool.serve import DEFAULT_HOST, build_demo, exposure_warning, limits_of, listen, parse_args
 
 MAX_BYTES, MAX_PIXELS, MAX_FRAMES = 64 * 1024, 100 * 100, 8
 TIMEOUT = 60  # seconds for one request: a hung server fails the test instead of stalling the suite

@@ -12,7 +12,7 @@
 Uploads are the request body itself (curl --data-binary @photo.jpg), read in chunks up to the
 size limit: a larger one is refused (413) before the rest arrives. The image's size is read from
 its header and checked against the pixel limit before it is decoded. Nothing the client sends
-names a file on the server: the one file name it ever names is a job token, looked up in a table.
+names a file on the server: the only name a client gives is a video job's token, looked up in a table.
 A refused upload is HTTP 4xx with {"error": one line}; the server goes on serving. Starlette
 (the toolkit FastAPI is built on) and uvicorn serve it; util/web_queue.py runs the network.
 """
