@@ -36,8 +36,8 @@ class OneAtATime:
     call lasts at least that many seconds, so that requests sent together would overlap if the
     server let them."""
 
-    def __init__(self, predictor, hold: float = 0.0):
-        self.predictor, self.hold = predictor, hold
+    def __init__(self, predictor):
+        self.predictor, self.hold = predictor, 0.0
         self.running = self.most = self.calls = 0
         self.lock = threading.Lock()
 
