@@ -1,10 +1,17 @@
 """tool/serve.py's web demo and API on a random-weight toy PSPNet, served once for the module on
 127.0.0.1 (a free port): the API's PNG equals Predictor.predict, bad uploads are 4xx and the server
 goes on, concurrent requests queue for one network, a short video comes back with its frames, and
-the page shows the overlay and legend in headless Chromium (skipped without /usr/bin/chromium)."""
+the page shows the overlay and legend in headless Chromium (skipped without /usr/bin/chromium).
+One more test runs the command itself, on its default host and a free port, and stops it."""
 import base64
 import contextlib
 import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -15,7 +22,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import write_config
+from conftest import CPU_ONLY, REPO_ROOT, write_config
 from util.config import load_config
 from util.errors import UserError
 from util.palette import colorize, read_colors
@@ -261,3 +268,24 @@ def test_the_page_shows_the_overlay_and_the_legend_in_chromium(server, tiny_toy)
     assert state["error"] == "" and state["overlay"] and state["seconds"] > 0
     assert [line.split(" ")[0] for line in state["legend"]] == [c["name"] for c in shares]
     assert state["legend"][0].endswith(f"{100 * shares[0]['share']:.1f} %")
+
+
+def test_the_command_serves_on_loopback_and_stops_on_ctrl_c(config):
+    """tool/serve.py itself: --port 0 logs the loopback URL it serves, which answers; SIGINT stops it."""
+    env = {**os.environ, **CPU_ONLY, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "tool" / "serve.py"), f"--config={config}",
+                                "--port", "0"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, log = time.monotonic() + TIMEOUT, []
+        while not any(" on http://" in line for line in log) and time.monotonic() < deadline:
+            if select.select([process.stdout], [], [], 1)[0]:
+                log.append(process.stdout.readline())
+        url = re.search(r"on (http://127\.0\.0\.1:\d+)/", "".join(log)).group(1)
+        assert json.loads(get(f"{url}/info")[1])["classes"][0]["name"] == "sky"
+        assert "WARNING" not in "".join(log)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=TIMEOUT) == 130
+    finally:
+        process.kill()
+        process.communicate()

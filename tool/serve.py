@@ -112,12 +112,13 @@ def build_demo(cfg: Config, limits: Limits, config_path: str) -> WebDemo:
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port, or one line saying why it cannot be."""
+    """A socket listening on host:port, or one line saying why it cannot."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait for old connections
     try:
         sock.bind((host, port))
+        sock.listen(128)  # connections wait from now on, so the URL works as soon as it is logged
     except (OSError, OverflowError) as exc:
         sock.close()
         reason = getattr(exc, "strerror", None) or str(exc)
