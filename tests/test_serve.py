@@ -32,7 +32,7 @@ from util.web_app import ServerThread
 with pytest.MonkeyPatch.context() as patch:  # importing a tool sets GOMP_SPINCOUNT: keep it from later tests
     patch.setenv("GOMP_SPINCOUNT", "1000")
     from tool.check_web_page import CHROMIUM, check_page
-    from tool.serve import DEFAULT_HOST, build_demo, exposure_warning, limits_of, listen, parse_args
+    from tool.serve import DEFAULT_HOST, bind, build_demo, exposure_warning, limits_of, parse_args
 
 MAX_BYTES, MAX_PIXELS, MAX_FRAMES = 64 * 1024, 100 * 100, 8
 TIMEOUT = 60  # seconds for one request: a hung server fails the test instead of stalling the suite
@@ -232,7 +232,7 @@ def test_bound_to_loopback_by_default_and_other_hosts_warn(server, config):
     for host in ("0.0.0.0", "192.168.1.5", "myhost.example"):
         assert "no authentication" in exposure_warning(host)
     with pytest.raises(UserError, match=f"--port {server.address[1]}: cannot listen there"):
-        listen("127.0.0.1", server.address[1])
+        bind("127.0.0.1", server.address[1])
     with pytest.raises(UserError, match="--max-pixels 0: expected a positive number"):
         limits_of(parse_args([f"--config={config}", "--max-pixels", "0"]))
 

@@ -111,14 +111,13 @@ def build_demo(cfg: Config, limits: Limits, config_path: str) -> WebDemo:
     return WebDemo(predictor, colors, names, limits, title=f"{Path(config_path).stem}: {model}")
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """A socket listening on host:port, or one line saying why it cannot."""
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, or one line saying why it cannot be."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait for old connections
     try:
         sock.bind((host, port))
-        sock.listen(128)  # connections wait from now on, so the URL works as soon as it is logged
     except (OSError, OverflowError) as exc:
         sock.close()
         reason = getattr(exc, "strerror", None) or str(exc)
@@ -132,9 +131,10 @@ def main() -> None:
     setup_logging()
     limits = limits_of(args)
     cfg = load_config(args.config, args.opts)
+    sock = bind(args.host, args.port)  # a port in use is one line before the model loads, not after
     set_process_threads()
     demo = build_demo(cfg, limits, args.config)
-    sock = listen(args.host, args.port)
+    sock.listen(128)  # connections wait from now on, so the URL works as soon as it is logged
     warning = exposure_warning(args.host)
     if warning:
         logger.warning(warning)

@@ -118,7 +118,7 @@ class VideoJobs:
                  max_pixels: int, max_frames: int, max_waiting: int):
         self.network, self.colors, self.names = network, colors, names
         self.max_pixels, self.max_frames, self.max_waiting = max_pixels, max_frames, max_waiting
-        self.root = Path(tempfile.mkdtemp(prefix="semseg-serve-"))
+        self.root: Path | None = None  # made for the first video, removed by close()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="video")
         self.jobs: dict[str, VideoJob] = {}
         self.lock, self.stopping = threading.Lock(), threading.Event()
@@ -135,6 +135,7 @@ class VideoJobs:
             if sum(job.state in ("queued", "running") for job in self.jobs.values()) >= self.max_waiting:
                 raise Refused(503, "the server is busy with other videos; try again later")
             self.forget_old_jobs()
+            self.root = self.root or Path(tempfile.mkdtemp(prefix="semseg-serve-"))
             token = secrets.token_urlsafe(12)
             folder = self.root / token
             folder.mkdir()
@@ -193,4 +194,5 @@ class VideoJobs:
         """Stop the running job at its next frame, drop the queued ones, delete every file."""
         self.stopping.set()
         self.executor.shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(self.root, ignore_errors=True)
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
