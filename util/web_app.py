@@ -62,7 +62,7 @@ def class_shares(labels: np.ndarray, colors: np.ndarray, names: Sequence[str] | 
     counts = np.bincount(labels.ravel(), minlength=len(colors))
     present = sorted(np.flatnonzero(counts), key=lambda c: -counts[c])
     return [{"id": int(c), "name": names[c] if names else f"class {c}",
-             "color": [int(v) for v in colors[c]] if c < len(colors) else [0, 0, 0],
+             "color": colors[c].tolist(),
              "share": round(float(counts[c]) / labels.size, 6)} for c in present]
 
 
