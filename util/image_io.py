@@ -61,8 +61,13 @@ def _decode(data: np.ndarray, flags: int, kind: str, path: str, source: str | No
 
 def read_image_rgb(path: str, source: str | None = None) -> np.ndarray:
     """Image as float32 RGB, HxWx3, values 0..255 (8-bit decoding as in the reference)."""
-    data = _read_bytes(path, "image", source)
-    bgr = _decode(data, cv2.IMREAD_COLOR, "image", path, source)
+    return decode_image_rgb(_read_bytes(path, "image", source), path, source)
+
+
+def decode_image_rgb(data: np.ndarray | bytes, name: str, source: str | None = None) -> np.ndarray:
+    """The bytes of an image file (an upload to tool/serve.py) as read_image_rgb returns it; a
+    DataError calls it `name`."""
+    bgr = _decode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR, "image", name, source)
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).astype(np.float32)
 
 
