@@ -12,7 +12,7 @@ echo "== toy dataset"
 $PYTHON tool/make_toy_dataset.py
 echo "== training (CUDA if available, else CPU)"
 $PYTHON tool/train.py --config=$config TRAIN.resume auto "$@"
-echo "== sliding-window evaluation with flip on the held-out images"
+echo "== multi-scale sliding-window evaluation"
 result=$($PYTHON -c "import sys; sys.path.insert(0, '.'); from util.config import load_config; \
 c = load_config('$config', sys.argv[1:]); print(c.save_folder); print(c.save_path); print(c.epochs)" "$@")
 save_folder=$(echo "$result" | sed -n 1p)
