@@ -126,6 +126,15 @@ def test_inheritance_loop_and_missing_base(tmp_path):
         load_config(tmp_path / "c.yaml")
 
 
+def test_a_typo_in_the_config_path_names_the_nearest_shipped_config(monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    with pytest.raises(ConfigError, match=r"config/toy/toy_pspnet\.yaml does not exist; did you mean "
+                                          r"config/toy/toy_pspnet18\.yaml"):
+        load_config("config/toy/toy_pspnet.yaml")
+    with pytest.raises(ConfigError, match=r"did you mean config/ade20k/ade20k_pspnet50\.yaml"):
+        load_config("config/ade/ade20k_pspnet50.yaml")
+
+
 def test_semseg_legacy_keys_are_accepted(tmp_path):
     p = write(tmp_path / "s.yaml", "DATA:\n  data_root: x\n  classes: 3\nDistributed:\n  use_apex: True\n"
                                    "  opt_level: 'O0'\nTRAIN:\n  compact: 0\n")

@@ -14,7 +14,7 @@ from model.weights import load_model_weights
 from tool import publish_model
 from util.checkpoint import with_module_prefix
 from util.config import load_config
-from util.errors import CheckpointError
+from util.errors import CheckpointError, UserError
 from util.predictor import Predictor
 
 
@@ -102,4 +102,26 @@ def test_publish_mistakes_are_one_line(experiment, tmp_path):
     wrong.write_text(config.read_text().replace("classes: 6", "classes: 5"))
     out = run_tool("publish_model.py", str(semseg_style), "--output", str(tmp_path / "r"), "--config", str(wrong))
     assert_one_line_error(out, "6 classes", "DATA.classes is 5")
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_an_imagenet_backbone_file_is_not_a_segmentation_checkpoint(tmp_path):
+    from model.resnet import build_resnet
+    backbone = tmp_path / "resnet18-imagenet.pth"
+    torch.save(build_resnet(18, deep_stem=False).state_dict(), backbone)
+    with pytest.raises(UserError, match="is not a segmentation checkpoint: it holds ImageNet backbone weights.*"
+                                        "tool/train.py"):
+        publish_model.main([str(backbone), "--output", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_checkpoint_missing_one_tensor_is_refused(experiment, tmp_path):
+    """The card would describe a network the file cannot rebuild: loading is strict."""
+    _, checkpoint = experiment
+    saved = torch.load(checkpoint, weights_only=True)
+    del saved["state_dict"]["module.aux.4.bias"]
+    partial = tmp_path / "partial.pth"
+    torch.save(saved, partial)
+    with pytest.raises(CheckpointError, match="aux.4.bias"):
+        publish_model.main([str(partial), "--output", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())

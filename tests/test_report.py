@@ -21,6 +21,7 @@ from util.metrics import scores_from_confusion
 from util.report import (CONFUSED_MIN_SHARE, CONFUSED_PAIRS, IGNORED_RGB, WRONG_RGB, ImageScore, confused_pairs,
                          draw_confusion, error_map, heatmap_classes, image_score, worst_images, write_report)
 from util.metrics import confusion_matrix
+from util.palette import colorize
 
 WORST = 3
 
@@ -254,5 +255,20 @@ def test_report_shows_class_colours_a_legend_and_counts_with_separators(evaluate
     assert any("," in pixels for *_, pixels in rows)
     legend = page.split('<p class="legend">')[1].split("</p>")[0]
     assert page.index('class="legend"') < page.index('class="worst"')  # by the worst images
+    ignored_in_truth = colorize(np.array([[255]], np.uint8), np.array(colors, int))[0, 0]  # the truth panel's
     assert re.findall(r'data-rgb="([\d,]+)"', legend) == [",".join(c) for c in colors] + [
-        ",".join(map(str, WRONG_RGB)), ",".join(map(str, IGNORED_RGB))]
+        ",".join(map(str, ignored_in_truth)), ",".join(map(str, WRONG_RGB)), ",".join(map(str, IGNORED_RGB))]
+    assert re.search(r"\.key\{[^}]*margin-right", page) is None  # no gap between the last key and the text after it
+
+
+def test_worst_image_panels_are_full_width_captioned_and_enlarge_on_click(evaluated):
+    result, _ = evaluated
+    page = (result / "report.html").read_text(encoding="utf-8")
+    rows = page.split('<div class="worst"')[1:]
+    assert len(rows) == WORST
+    for row in rows:
+        captions = re.search(r'<div class="columns">(.*?)</div>\s*<img', row)
+        assert captions and re.findall(r"<span>(.*?)</span>", captions.group(1)) == [
+            "image", "prediction", "ground truth", "errors"]
+        assert "onclick=\"this.classList.toggle('zoomed')\"" in row
+    assert re.search(r"\.worst img\{width:100%", page) and re.search(r"\.worst img\.zoomed\{position:fixed", page)

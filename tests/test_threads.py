@@ -26,6 +26,7 @@ def write(path, text):
     ({"cpu.max": "max 100000\n"}, None),                                    # v2, no quota
     ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),   # v1
     ({"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, None),
+    ({"cpu,cpuacct/cpu.cfs_quota_us": "50000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 0.5),  # v1, joint
     ({}, None),                                                             # no cgroup files
 ])
 def test_cgroup_cpu_limit_reads_v2_and_v1_quotas(tmp_path, files, expected):

@@ -52,6 +52,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_segmentation(state: dict, path: Path) -> None:
+    """A file without a classifier head (cls.*) is no segmentation network: most often ImageNet
+    backbone weights, whose right place is TRAIN.pretrained_backbone, not a release."""
+    names = [key.removeprefix("module.") for key in state]
+    if not any(name.startswith("cls.") for name in names):
+        kind = ("ImageNet backbone weights (an fc classifier, no segmentation head)" if "fc.weight" in names
+                else "no segmentation head (no cls.* weights)")
+        raise UserError(f"{path} is not a segmentation checkpoint: it holds {kind}; publish a checkpoint of "
+                        f"tool/train.py (exp/<dataset>/<exp>/model/train_epoch_<N>.pth); backbone weights are "
+                        f"TRAIN.pretrained_backbone (tool/prepare_weights.py)")
+
+
 def training_config(checkpoint: dict, config: str | None, path: Path) -> dict:
     """{section: {key: value}} of the run that wrote the checkpoint."""
     if config is not None:
@@ -150,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     checkpoint = load_checkpoint(args.checkpoint, "checkpoint")
     state = extract_state_dict(checkpoint, args.checkpoint, "checkpoint")
+    check_segmentation(state, args.checkpoint)
     config = training_config(checkpoint, args.config, args.checkpoint)
     cfg = flat(config)
     check_fits(state, cfg, args.checkpoint)

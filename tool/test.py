@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from util.checkpoint import check_writable  # noqa: E402
-from util.cli import Progress, run_main, setup_logging  # noqa: E402
+from util.cli import Progress, removed_if_failed_empty, run_main, setup_logging  # noqa: E402
 from util.config import (Config, add_config_arguments, describe_schema, load_config,  # noqa: E402
                          parse_config_args)
 from util.dataset import SemSegDataset, dataset_from_config  # noqa: E402
@@ -96,6 +96,12 @@ def main() -> None:
     cfg = load_config(args.config, args.opts)
     info = init_distributed(cfg.dist_backend, cfg.dist_timeout)
     set_process_threads(local_world_size(os.environ))
+    with removed_if_failed_empty(Path(cfg.save_folder), own=info.is_main):
+        evaluate(args, cfg, info)
+
+
+def evaluate(args: argparse.Namespace, cfg: Config, info: DistInfo) -> None:
+    """Predict (or re-score), then write the scores and the report into TEST.save_folder."""
     save = Path(cfg.save_folder)
     if info.is_main:
         check_writable(save, "TEST.save_folder")

@@ -5,7 +5,8 @@ with status 2; `--debug` on the command line or SEMSEG_DEBUG=1 shows the full tr
 Running out of memory (a data-loader worker killed by the out-of-memory killer, CUDA out of
 memory) exits with status 1 and one line, and an OSError in a library's exit-time clean-up
 (TensorBoard flushing to a full disk) is one warning line. Anything else is
-a bug and keeps its traceback.
+a bug and keeps its traceback. Whatever ends a run, the tool's log file ends with what the user
+saw (the error line, or the traceback), so a log read later tells how the run ended.
 """
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import shutil
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -97,8 +100,26 @@ def one_line_thread_error(args) -> None:
           file=sys.stderr)
 
 
+def _file_handlers() -> list[logging.FileHandler]:
+    return [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+
+
+def log_to_files(text: str) -> None:
+    """Append `text` to the log files setup_logging opened, not to the terminal (which has it already)."""
+    record = logging.LogRecord("run", logging.ERROR, __file__, 0, text, None, None)
+    for handler in _file_handlers():
+        handler.handle(record)
+
+
+def _report(line: str, status: int) -> None:
+    print(line, file=sys.stderr)
+    log_to_files(line)
+    sys.exit(status)
+
+
 def run_main(main: Callable[[], int | None]) -> None:
-    """Run a script's main() and turn its outcome into an exit status."""
+    """Run a script's main() and turn its outcome into an exit status; the log files get the
+    same last line as the terminal."""
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
         os.environ["SEMSEG_DEBUG"] = "1"
@@ -108,19 +129,41 @@ def run_main(main: Callable[[], int | None]) -> None:
         status = main()
     except UserError as err:
         if debug_enabled():
+            log_to_files(traceback.format_exc().rstrip())
             raise
-        print(f"error: {user_error_message(err)}", file=sys.stderr)
-        sys.exit(2)
+        _report(f"error: {user_error_message(err)}", 2)
     except RuntimeError as err:
         reason = None if debug_enabled() else out_of_resources_message(err)
         if reason is None:
+            log_to_files(traceback.format_exc().rstrip())
             raise
-        print(f"error: {reason}", file=sys.stderr)
-        sys.exit(1)
+        _report(f"error: {reason}", 1)
     except KeyboardInterrupt as interrupt:  # a script may say in it how to continue
-        print(f"interrupted; {interrupt}" if str(interrupt) else "interrupted", file=sys.stderr)
-        sys.exit(130)
+        _report(f"interrupted; {interrupt}" if str(interrupt) else "interrupted", 130)
+    except Exception:  # a bug: its traceback goes to the terminal and, the same, to the log
+        log_to_files(traceback.format_exc().rstrip())
+        raise
     sys.exit(status or 0)
+
+
+@contextlib.contextmanager
+def removed_if_failed_empty(folder: Path, own: bool = True) -> Iterator[None]:
+    """A result folder this run creates is removed when the run fails before writing any result
+    into it (nothing there but its config.yaml and logs): a folder left behind would look like a
+    finished run, and the terminal has the error. A folder that was there before is left as it is
+    (its new log ends with the error, see run_main). own=False (another process writes it): no-op."""
+    existed = not own or folder.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and folder.is_dir() and all(p.name == "config.yaml" or p.suffix == ".log"
+                                                   for p in folder.iterdir()):
+            for handler in _file_handlers():
+                if Path(handler.baseFilename).parent == folder.resolve():
+                    logging.getLogger().removeHandler(handler)
+                    handler.close()
+            shutil.rmtree(folder)
+        raise
 
 
 def format_duration(seconds: float) -> str:

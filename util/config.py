@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import yaml
 from util.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "config"  # the shipped configs, for suggestions
 
 SECTIONS = ("DATA", "TRAIN", "Distributed", "TEST")
 REQUIRED = object()  # default of keys that every config must set
@@ -165,6 +167,17 @@ def _suggest(name: str, candidates: Iterable[str]) -> str:
     return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
+def nearest_config(path: Path, root: Path = CONFIG_ROOT) -> str:
+    """`; did you mean <config>?` naming the shipped configs (root/**/*.yaml, bases left out)
+    closest to a path that does not exist, as the user would type them from the current folder."""
+    def as_typed(file: Path) -> str:  # relative to the current folder when below it, else absolute
+        relative = os.path.relpath(file.resolve())
+        return str(file.resolve()) if relative.startswith("..") else relative
+
+    shipped = [as_typed(found) for found in sorted(root.rglob("*.yaml")) if "_base_" not in found.relative_to(root).parts]
+    return _suggest(as_typed(path), shipped)
+
+
 def _type_name(field: Field) -> str:
     names = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "path": "a path",
              "int_list": "a list of integers", "float_list": "a list of numbers",
@@ -278,7 +291,7 @@ def _read_yaml_nodes(path: Path, asked_by: Path | None = None) -> tuple[dict[str
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        asker = f" (named by _base_ in {asked_by})" if asked_by is not None else ""
+        asker = f" (named by _base_ in {asked_by})" if asked_by is not None else nearest_config(path)
         raise ConfigError(f"config file {path} does not exist{asker}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None

@@ -33,6 +33,8 @@ CONFUSED_PAIRS = 10  # at most this many pairs ...
 CONFUSED_MIN_SHARE = 0.01  # ... each holding at least 1% of its true class's pixels: the confusions that matter
 WRONG_RGB = (255, 0, 0)
 IGNORED_RGB = (190, 190, 190)
+TRUTH_IGNORED_RGB = (0, 0, 0)  # util.palette.colorize's colour of a label without a class colour (the ignore label)
+PANEL_COLUMNS = ("image", "prediction", "ground truth", "errors")  # the panels of vis/<name>.png, left to right
 ARCH_NAMES = {"psp": "PSPNet", "psa": "PSANet"}
 PER_IMAGE_COLUMNS = ("name", "pixel_acc", "miou", "valid_pixels")
 
@@ -195,13 +197,15 @@ def _pairs_section(pairs, names: list[str]) -> str:
     return f'<p>{rule}</p><table class="pairs">' + "".join(rows) + "</table>"
 
 
+def _keys(pairs) -> str:
+    return "".join(f'<span class="key">{_swatch(rgb)}{html.escape(what)}</span>' for rgb, what in pairs)
+
+
 def _legend(names: list[str], colors: np.ndarray) -> str:
-    """The colours of the prediction and truth panels, and of the error map."""
-    classes = "".join(f'<span class="key">{_swatch(colors[c])}{html.escape(names[c])}</span>'
-                      for c in range(len(names)))
-    errors = "".join(f'<span class="key">{_swatch(rgb)}{what}</span>'
-                     for rgb, what in ((WRONG_RGB, "wrong"), (IGNORED_RGB, "ignored")))
-    return f'<p class="legend">Classes: {classes}<br>Error map: {errors}, correct pixels show the image dimmed</p>'
+    """The colours of the prediction and truth panels (the truth's ignored pixels too), and of the error map."""
+    classes = _keys([(colors[c], names[c]) for c in range(len(names))] + [(TRUTH_IGNORED_RGB, "ignored (truth)")])
+    errors = _keys([(WRONG_RGB, "wrong"), (IGNORED_RGB, "ignored")])
+    return f'<p class="legend">Classes: {classes}<br>Error map: {errors}; correct pixels show the image dimmed</p>'
 
 
 def _worst_section(worst: list[ImageScore], asked: int, vis_folder: str, names: list[str],
@@ -211,13 +215,16 @@ def _worst_section(worst: list[ImageScore], asked: int, vis_folder: str, names: 
         return ""
     if not worst:
         return "<h2>The worst images</h2><p>No image ranked: no image has a valid pixel.</p>"
+    captions = '<div class="columns">' + "".join(f"<span>{c}</span>" for c in PANEL_COLUMNS) + "</div>"
     parts = [f"<h2>The {len(worst)} worst images, by mIoU</h2>",
-             "<p>Each row: image | prediction | ground truth | errors.</p>", _legend(names, colors)]
+             f"<p>Each row: {' | '.join(PANEL_COLUMNS)}. Click a row to enlarge it, again to shrink it.</p>",
+             _legend(names, colors)]
     for rank, s in enumerate(worst, start=1):
         parts.append(f'<div class="worst" data-name="{html.escape(s.name)}"><h3>{rank}. {html.escape(s.name)}</h3>'
                      f'<p>mIoU <span class="miou">{fmt(s.miou)}</span>, pixel accuracy '
-                     f'<span class="acc">{fmt(s.pixel_acc)}</span>, valid pixels {count(s.valid)}</p>'
-                     f'<img src="{quote(f"{vis_folder}/{s.name}.png")}" alt="{html.escape(s.name)}"></div>')
+                     f'<span class="acc">{fmt(s.pixel_acc)}</span>, valid pixels {count(s.valid)}</p>{captions}'
+                     f'<img src="{quote(f"{vis_folder}/{s.name}.png")}" alt="{html.escape(s.name)}" '
+                     f'title="click to enlarge" onclick="this.classList.toggle(\'zoomed\')"></div>')
     return "".join(parts)
 
 
@@ -225,8 +232,11 @@ STYLE = """body{font-family:sans-serif;margin:2em;max-width:80em}table{border-co
 td,th{padding:2px 8px;text-align:left;border-bottom:1px solid #ddd}.barcell{width:16em}
 .bar{background:#4a7ebb;height:0.9em}
 .swatch{display:inline-block;width:0.9em;height:0.9em;margin-right:0.4em;border:1px solid #888;vertical-align:middle}
-.key{margin-right:1em;white-space:nowrap}td.pixels{text-align:right}.means b{font-size:1.3em;margin-right:1.5em}
-img{max-width:100%;image-rendering:pixelated}.worst img{min-width:40em}"""
+.key{white-space:nowrap}.key+.key{margin-left:1em}td.pixels{text-align:right}
+.means b{font-size:1.3em;margin-right:1.5em}img{max-width:100%;image-rendering:pixelated}
+.worst img{width:100%;cursor:zoom-in}.columns{display:grid;grid-template-columns:repeat(4,1fr);font-weight:bold}
+.worst img.zoomed{position:fixed;inset:0;width:100vw;height:100vh;object-fit:contain;background:rgba(0,0,0,.85);
+z-index:1;cursor:zoom-out}"""
 
 
 def write_report(path: Path, run: dict[str, str], scores: SegScores, names: list[str], colors: np.ndarray,
