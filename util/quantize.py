@@ -10,7 +10,9 @@ The choices, measured on this project's CPUs (docs/deploy.md has the numbers):
   fastest integer kernels on x86-64; int8 activations (S8S8) ran at about half the speed.
 - reduce_range (7-bit weights) where the CPU lacks VNNI: AVX2's u8 x s8 multiply adds pairs into
   16 bits and can saturate with full 8-bit weights; VNNI accumulates in 32 bits and needs no margin.
-- MinMax calibration, computed in bounded memory (CalibMaxIntermediateOutputs).
+- MinMax calibration: the quantizer adds a ReduceMin and a ReduceMax per tensor, so each window
+  leaves a few numbers per tensor, and hundreds of images fit in memory. (Its
+  CalibMaxIntermediateOutputs is not used: onnxruntime 1.32 drops the batches it clears.)
 - The classifier (the last convolution) and the final resize stay in float: they are a sliver of
   the time, and quantizing the class scores themselves flips the closest calls between classes.
 
@@ -42,7 +44,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_CALIBRATION_IMAGES = 300  # as the reference tools (Intel Neural Compressor, OpenVINO's POT) take
 DEFAULT_CHECK_IMAGES = 100
 MIN_AGREEMENT = 0.98  # share of held-out pixels whose int8 class must equal the float32 network's
-INTERMEDIATE_OUTPUTS = 64  # calibration runs held before their ranges are merged: bounds its memory
 
 
 def cpu_has_vnni() -> bool:
@@ -156,8 +157,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, reader: WindowReader) -> dic
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(int8_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=keep_float, calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"CalibMaxIntermediateOutputs": INTERMEDIATE_OUTPUTS})
+                        nodes_to_exclude=keep_float, calibrate_method=CalibrationMethod.MinMax)
     return {"tool": f"onnxruntime {onnxruntime.__version__} quant_pre_process + quantize_static",
             "format": "QDQ", "activations": "uint8", "weights": "int8, per channel",
             "reduce_range": reduce_range, "calibration": "MinMax", "calibration_images": len(reader.images),
