@@ -134,16 +134,20 @@ def float_nodes(model: onnx.ModelProto) -> list[str]:
 
 @contextlib.contextmanager
 def onnxruntime_quiet() -> Iterator[None]:
-    """The quantizer's advice lines (root logger warnings) and onnxruntime's own log silenced."""
+    """The quantizer's advice lines silenced, and onnxruntime's own log below errors. The quantizer
+    logs through the root logger itself; a filter on the root logger sees only those records, not
+    the ones of named loggers (this module's progress) that propagate to its handlers."""
     import onnxruntime
     root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    def errors_only(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+    root.addFilter(errors_only)
     onnxruntime.set_default_logger_severity(3)
     try:
         yield
     finally:
-        root.setLevel(level)
+        root.removeFilter(errors_only)
 
 
 def quantize_int8(fp32_path: Path, int8_path: Path, reader: WindowReader) -> dict[str, Any]:
