@@ -156,7 +156,8 @@ def quantize_checked(fp32_path: Path, output: Path, cfg, plan: dict) -> None:
     temporary = output.with_name(f".{output.name}.int8.tmp{os.getpid()}")
     try:
         start = time.perf_counter()
-        quantization = quantize_int8(fp32_path, temporary, reader)
+        quantization = {**quantize_int8(fp32_path, temporary, reader), "calibration_images": len(plan["calibration"]),
+                        "calibration_source": plan["calibration_source"]}
         logger.info("int8: quantized in %.0f s (%d calibration windows, %s kept in float); checking its "
                     "predictions on %d held-out images of %s", time.perf_counter() - start,
                     quantization["calibration_windows"], ", ".join(quantization["float_nodes"]),

@@ -150,8 +150,9 @@ def onnxruntime_quiet() -> Iterator[None]:
         root.removeFilter(errors_only)
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, reader: WindowReader) -> dict[str, Any]:
-    """Write the static QDQ int8 version of `fp32_path` to `int8_path`; return how it was quantized."""
+def quantize_int8(fp32_path: Path, int8_path: Path, reader: Any) -> dict[str, Any]:
+    """Write the static QDQ int8 version of `fp32_path` to `int8_path`, calibrated on the windows of
+    `reader` (a WindowReader, or any CalibrationDataReader counting its `windows`); return how."""
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
     reduce_range = not cpu_has_vnni()
@@ -164,8 +165,8 @@ def quantize_int8(fp32_path: Path, int8_path: Path, reader: WindowReader) -> dic
                         nodes_to_exclude=keep_float, calibrate_method=CalibrationMethod.MinMax)
     return {"tool": f"onnxruntime {onnxruntime.__version__} quant_pre_process + quantize_static",
             "format": "QDQ", "activations": "uint8", "weights": "int8, per channel",
-            "reduce_range": reduce_range, "calibration": "MinMax", "calibration_images": len(reader.images),
-            "calibration_windows": reader.windows, "float_nodes": keep_float}
+            "reduce_range": reduce_range, "calibration": "MinMax", "calibration_windows": reader.windows,
+            "float_nodes": keep_float}
 
 
 def check_agreement(fp32: Predictor, int8: Predictor, dataset: SemSegDataset, indices: Sequence[int]
