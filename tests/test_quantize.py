@@ -35,8 +35,6 @@ def fitted_model(cfg, steps: int = 40):
     """A layers-18 PSPNet fitted for a few dozen steps on the tiny toy images: confident enough that 8-bit
     rounding flips few pixels (a random network's class scores are near ties everywhere)."""
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # beside the other tests' processes on 2 cores, one thread waits least
     model = build_model(cfg).train()
     dataset = dataset_from_config(cfg, cfg.train_list, "train")
     samples = [dataset.load_raw(i)[:2] for i in range(len(dataset))]
@@ -52,7 +50,6 @@ def fitted_model(cfg, steps: int = 40):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    torch.set_num_threads(threads)
     return model.eval()
 
 
