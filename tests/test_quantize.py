@@ -93,11 +93,12 @@ def test_int8_file_is_qdq_with_a_float_classifier_and_records_its_check(int8, ti
     assert check["images"] == 8 and check["list"] == str(tiny_toy / "val.txt")  # held out: val, not train
     assert check["agreement"] >= check["min_agreement"] == 0.98
     assert abs(check["miou_int8"] - check["miou_fp32"]) < 0.05
-    # the classifier and the final resize read float tensors, not dequantized ones
-    producer = {output: node for node in proto.graph.node for output in node.output}
-    for name in quantization["float_nodes"]:
-        node = next(n for n in proto.graph.node if n.name == name)
-        assert producer.get(node.input[0]) is None or producer[node.input[0]].op_type != "DequantizeLinear"
+    # the classifier keeps float weights, and its scores reach the final resize without rounding
+    nodes = {node.name: node for node in proto.graph.node}
+    resize, classifier = (nodes[name] for name in quantization["float_nodes"])
+    weights = {tensor.name: tensor for tensor in proto.graph.initializer}[classifier.input[1]]
+    assert classifier.op_type == "Conv" and weights.data_type == onnx.TensorProto.FLOAT
+    assert resize.op_type == "Resize" and resize.input[0] == classifier.output[0]
     assert sorted(p.name for p in int8["folder"].iterdir()) == ["cfg.yaml", "fp32", "model.int8.onnx", "model.pth"]
 
 
