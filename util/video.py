@@ -87,7 +87,8 @@ def fourcc_text(code: float) -> str:
 
 
 class VideoReader:
-    """The frames of a video file (BGR uint8), its frame rate, size and announced frame count.
+    """The frames of a video file (BGR uint8), its exact frame rate (`rate`, a Fraction; `fps` as a
+    float), size, announced frame count and whether it has an audio track (`audio`).
 
     Opening fails with one DataError naming the file: missing, empty, an image, not a video, or a
     video whose codec OpenCV's FFmpeg cannot decode (the first frame is decoded to find out)."""
