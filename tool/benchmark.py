@@ -385,7 +385,8 @@ def bench_int8(config: str, size: tuple[int, int], repeats: int) -> dict:
         start = time.perf_counter()
         export_onnx(model, fp32_path, window, export_metadata(cfg, [str(i) for i in range(cfg.classes)], None, "b"))
         fp32 = OnnxNetwork(fp32_path, "benchmark")
-        quantization = quantize_int8(fp32_path, int8_path, RandomWindows(4, crop_h, fp32.input_name))
+        quantization = quantize_int8(fp32_path, int8_path, RandomWindows(4, crop_h, fp32.input_name),
+                                     {"calibration_list": "4 random windows"})
         prepare_s = time.perf_counter() - start
         runs = {"pytorch": model, "onnxruntime_fp32": fp32, "onnxruntime_int8": OnnxNetwork(int8_path, "benchmark")}
         seconds = {kind: {network: [] for network in runs} for kind in ("window", "image")}
@@ -403,7 +404,8 @@ def bench_int8(config: str, size: tuple[int, int], repeats: int) -> dict:
                         seconds[kind][network].append(time.perf_counter() - start)
             agreement = (runs["onnxruntime_int8"](window).argmax(1) == model(window).argmax(1)).float().mean().item()
     windows = len(window_grid(*(max(s, c) for s, c in zip(size, (crop_h, crop_w))), crop_h, crop_w, cfg.stride_rate))
-    best = {kind: {network: min(times) for network, times in by_network.items()} for kind, by_network in seconds.items()}
+    best = {kind: {network: min(times) for network, times in by_network.items()}
+            for kind, by_network in seconds.items()}
     return {"model": name, "classes": cfg.classes, "crop": crop_h, "image": f"{size[0]}x{size[1]}",
             "windows": windows, "prepare_s": prepare_s, "seconds": best, "random_window_agreement": agreement,
             "float_nodes": quantization["float_nodes"], "reduce_range": quantization["reduce_range"]}
@@ -498,7 +500,8 @@ def main() -> None:
     parser.add_argument("--only", default="train,eval,psa",
                         help="comma list of sections: train, eval, memory, psa, onnx, int8 "
                              "(memory and onnx use the --eval-* sizes)")
-    parser.add_argument("--int8-configs", default="config/ade20k/ade20k_pspnet50.yaml,config/ade20k/ade20k_psanet50.yaml",
+    parser.add_argument("--int8-configs",
+                        default="config/ade20k/ade20k_pspnet50.yaml,config/ade20k/ade20k_psanet50.yaml",
                         help="configs whose networks (g) times, comma list")
     parser.add_argument("--int8-size", default="512x683", help="image HxW of (g)'s sliding-window rows")
     parser.add_argument("--contention", action="store_true",

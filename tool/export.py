@@ -59,7 +59,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, epilog="config keys:\n" + describe_schema(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="the ONNX file to write, e.g. model.onnx")
-    parser.add_argument("--int8", action="store_true", help="write a static int8 (QDQ) file, checked by its predictions")
+    parser.add_argument("--int8", action="store_true",
+                        help="write a static int8 (QDQ) file, checked by its predictions")
     parser.add_argument("--calibration", default="",
                         help="--int8: list file or image folder to calibrate on (default DATA.train_list)")
     parser.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES,
@@ -156,15 +157,14 @@ def quantize_checked(fp32_path: Path, output: Path, cfg, plan: dict) -> None:
     temporary = output.with_name(f".{output.name}.int8.tmp{os.getpid()}")
     try:
         start = time.perf_counter()
-        quantization = {**quantize_int8(fp32_path, temporary, reader), "calibration_images": len(plan["calibration"]),
-                        "calibration_source": plan["calibration_source"]}
+        quantization = quantize_int8(fp32_path, temporary, reader, {"calibration_list": plan["calibration_source"],
+                                                                     "calibration_images": len(plan["calibration"])})
         logger.info("int8: quantized in %.0f s (%d calibration windows, %s kept in float); checking its "
                     "predictions on %d held-out images of %s", time.perf_counter() - start,
                     quantization["calibration_windows"], ", ".join(quantization["float_nodes"]),
                     len(plan["indices"]), plan["check_list"])
-        metadata = {**fp32.network.metadata, "precision": "int8", "quantization": quantization}
-        set_metadata(temporary, metadata)  # before it is read: the quantizer leaves a key of its own
-        check = check_agreement(fp32, Predictor.from_onnx(temporary), plan["dataset"], plan["indices"])
+        int8 = Predictor.from_onnx(temporary)
+        check = check_agreement(fp32, int8, plan["dataset"], plan["indices"])
         check.update({"list": plan["check_list"], "min_agreement": plan["min_agreement"],
                       "against": "the float32 export of the same checkpoint"})
         logger.info("int8 vs float32: %.2f%% of %d pixels agree (limit %.2f%%)%s", 100 * check["agreement"],
@@ -175,7 +175,7 @@ def quantize_checked(fp32_path: Path, output: Path, cfg, plan: dict) -> None:
             raise UserError(f"int8 check failed: {100 * check['agreement']:.2f}% of the pixels of {check['images']} "
                             f"held-out images agree with float32, below --min-agreement {plan['min_agreement']}; "
                             f"{output} was not written")
-        set_metadata(temporary, {**metadata, "check": check})
+        set_metadata(temporary, {**int8.network.metadata, "check": check})
         os.replace(temporary, output)
     finally:
         temporary.unlink(missing_ok=True)

@@ -151,23 +151,30 @@ def onnxruntime_quiet() -> Iterator[None]:
         root.removeFilter(errors_only)
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, reader: Any) -> dict[str, Any]:
+def quantize_int8(fp32_path: Path, int8_path: Path, reader: Any, calibration: dict[str, Any]) -> dict[str, Any]:
     """Write the static QDQ int8 version of `fp32_path` to `int8_path`, calibrated on the windows of
-    `reader` (a WindowReader, or any CalibrationDataReader counting its `windows`); return how."""
+    `reader` (a WindowReader, or any CalibrationDataReader counting its `windows`), with the float32
+    file's metadata plus `precision` and `quantization` (how, and the `calibration` source); return
+    the latter."""
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
     reduce_range = not cpu_has_vnni()
-    keep_float = float_nodes(onnx.load(str(fp32_path), load_external_data=False))
+    fp32 = onnx.load(str(fp32_path), load_external_data=False)
+    keep_float = float_nodes(fp32)
     with tempfile.TemporaryDirectory(prefix=".quantize", dir=int8_path.parent) as folder, onnxruntime_quiet():
         prepared = Path(folder) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(int8_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=keep_float, calibrate_method=CalibrationMethod.MinMax)
-    return {"tool": f"onnxruntime {onnxruntime.__version__} quant_pre_process + quantize_static",
-            "format": "QDQ", "activations": "uint8", "weights": "int8, per channel",
-            "reduce_range": reduce_range, "calibration": "MinMax", "calibration_windows": reader.windows,
-            "float_nodes": keep_float}
+    quantization = {"tool": f"onnxruntime {onnxruntime.__version__} quant_pre_process + quantize_static",
+                    "format": "QDQ", "activations": "uint8", "weights": "int8, per channel",
+                    "reduce_range": reduce_range, "calibration": "MinMax", **calibration,
+                    "calibration_windows": reader.windows, "float_nodes": keep_float}
+    # The quantizer leaves a key of its own that is not JSON: the float32 file's metadata replaces it.
+    recorded = {p.key: json.loads(p.value) for p in fp32.metadata_props}
+    set_metadata(int8_path, {**recorded, "precision": "int8", "quantization": quantization})
+    return quantization
 
 
 def check_agreement(fp32: Predictor, int8: Predictor, dataset: SemSegDataset, indices: Sequence[int]
