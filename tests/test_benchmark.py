@@ -1,7 +1,7 @@
 """tool/benchmark.py runs and reports (it measures; no timing is asserted here)."""
 import json
 
-from conftest import run_tool
+from conftest import run_tool, write_config
 
 
 def test_quick_eval_and_psa_sections_write_tables_and_json(tmp_path):
@@ -32,6 +32,19 @@ def test_onnx_section_compares_onnxruntime_with_pytorch(tmp_path):
     onnx = json.loads((tmp_path / "o.json").read_text())["onnx"]
     assert onnx["pytorch_s"] > 0 and onnx["onnxruntime_s"] > 0 and onnx["max_abs_difference"] < 1e-4
     assert onnx["speedup"] == onnx["pytorch_s"] / onnx["onnxruntime_s"] and "| onnxruntime (s/window) |" in out.stdout
+
+
+def test_int8_section_times_eager_fp32_and_int8_in_one_run(tiny_toy, tmp_path):
+    config = write_config(tmp_path / "cfg.yaml", tiny_toy)
+    out = run_tool("benchmark.py", "--only", "int8", "--int8-configs", str(config), "--int8-size", "40x52",
+                   "--repeats", "1", "--json", str(tmp_path / "q.json"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "q.json").read_text())["int8"]
+    assert row["model"] == "PSPNet-18" and row["crop"] == 33 and row["windows"] == 4
+    for kind in ("window", "image"):
+        assert set(row["seconds"][kind]) == {"pytorch", "onnxruntime_fp32", "onnxruntime_int8"}
+        assert all(seconds > 0 for seconds in row["seconds"][kind].values())
+    assert "| onnxruntime int8 (s) |" in out.stdout and "sliding window (4 x2 flip)" in out.stdout
 
 
 def test_contention_neighbour_is_started_and_stopped(monkeypatch):

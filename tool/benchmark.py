@@ -16,6 +16,12 @@
 (d) memory (--only memory): peak memory of one multi-scale evaluation of one image.
 (e) ONNX (--only onnx): the network exported by tool/export.py's code, per-window time in
     onnxruntime (CPU) against PyTorch fp32 on the CPU, in test.py's CPU batches of 2 windows.
+(g) int8 (--only int8): the networks of --int8-configs (random weights; by default PSPNet-50 and
+    PSANet-50 for ADE20K: 150 classes, 473x473 windows) in PyTorch eager, onnxruntime float32 and
+    onnxruntime int8 (tool/export.py --int8's quantization, calibrated on a few random windows: the
+    ranges change the values, not the speed), timed interleaved in one run: one window (batch 1),
+    and one --int8-size image through the sliding window at scale 1.0 with flip, as tool/test.py
+    runs it. About 7 minutes per network on 2 quiet cores, most of it exporting and quantizing.
 (f) contention (--contention, alone): toy training steps (tool/train.py's epoch-2 images/s) and
     tool/test.py on a few images (wall seconds), quiet and then beside one single-threaded busy
     process that the benchmark starts and stops; the slowdown ratios and the quiet throughput.
@@ -58,6 +64,7 @@ from util.config import load_config  # noqa: E402
 from util.errors import DataError  # noqa: E402
 from util.inference import multi_scale_predict, resize_image, window_batch_size, window_grid  # noqa: E402
 from util.onnx_model import OnnxNetwork, export_metadata, export_onnx, max_abs_difference  # noqa: E402
+from util.quantize import quantize_int8  # noqa: E402
 from util.reference_inference import reference_predict  # noqa: E402
 
 SPEED_LINE = re.compile(r"epoch 2 speed: ([\d.]+) images/s, data wait ([\d.]+)% of iteration time, "
@@ -349,6 +356,61 @@ def bench_onnx(layers: int, classes: int, crop: int, repeats: int) -> dict:
             "max_abs_difference": difference}
 
 
+class RandomWindows:
+    """onnxruntime's CalibrationDataReader over `count` random normalised windows."""
+
+    def __init__(self, count: int, crop: int, input_name: str):
+        generator = torch.Generator().manual_seed(0)
+        self.windows = count
+        self.feed = iter([{input_name: torch.randn(1, 3, crop, crop, generator=generator).numpy()}
+                          for _ in range(count)])
+
+    def get_next(self) -> dict | None:
+        return next(self.feed, None)
+
+
+def bench_int8(config: str, size: tuple[int, int], repeats: int) -> dict:
+    """Seconds per window (batch 1) and per image (sliding window, scale 1.0, flip) of the config's network
+    in PyTorch eager, onnxruntime float32 and onnxruntime int8, interleaved on a shared machine."""
+    cfg = load_config(config, ["TRAIN.pretrained_backbone", "none"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    crop_h, crop_w = cfg.test_h, cfg.test_w
+    window = torch.randn(1, 3, crop_h, crop_w, generator=torch.Generator().manual_seed(1))
+    image = np.random.default_rng(0).uniform(0, 255, (*size, 3)).astype(np.float32)
+    name = f"{'PSPNet' if cfg.arch == 'psp' else 'PSANet'}-{cfg.layers}"
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_path, int8_path = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
+        print(f"  {name}: exporting and quantizing ...", flush=True)
+        start = time.perf_counter()
+        export_onnx(model, fp32_path, window, export_metadata(cfg, [str(i) for i in range(cfg.classes)], None, "b"))
+        fp32 = OnnxNetwork(fp32_path, "benchmark")
+        quantization = quantize_int8(fp32_path, int8_path, RandomWindows(4, crop_h, fp32.input_name),
+                                     {"calibration_list": "4 random windows"})
+        prepare_s = time.perf_counter() - start
+        runs = {"pytorch": model, "onnxruntime_fp32": fp32, "onnxruntime_int8": OnnxNetwork(int8_path, "benchmark")}
+        seconds = {kind: {network: [] for network in runs} for kind in ("window", "image")}
+        timed = {"window": lambda run: run(window),
+                 "image": lambda run: multi_scale_predict(run, [image], size, cfg.classes, crop_h, crop_w,
+                                                          cfg.stride_rate, batch_size=2)}
+        with torch.inference_mode():
+            for run in runs.values():  # warm-up
+                run(window)
+            for _ in range(repeats):  # interleaved, so load from other users of the machine hits all alike
+                for kind, call in timed.items():
+                    for network, run in runs.items():
+                        start = time.perf_counter()
+                        call(run)
+                        seconds[kind][network].append(time.perf_counter() - start)
+            agreement = (runs["onnxruntime_int8"](window).argmax(1) == model(window).argmax(1)).float().mean().item()
+    windows = len(window_grid(*(max(s, c) for s, c in zip(size, (crop_h, crop_w))), crop_h, crop_w, cfg.stride_rate))
+    best = {kind: {network: min(times) for network, times in by_network.items()}
+            for kind, by_network in seconds.items()}
+    return {"model": name, "classes": cfg.classes, "crop": crop_h, "image": f"{size[0]}x{size[1]}",
+            "windows": windows, "prepare_s": prepare_s, "seconds": best, "random_window_agreement": agreement,
+            "float_nodes": quantization["float_nodes"], "reduce_range": quantization["reduce_range"]}
+
+
 def print_tables(result: dict) -> None:
     print(f"\ndevice: {result['device']}, torch {result['torch']}, threads {result['threads']}")
     if result.get("training"):
@@ -384,6 +446,16 @@ def print_tables(result: dict) -> None:
               f"{p['forward_ms']:.1f} ms, psa_mask x2 {p['psa_mask_ms']:.2f} ms = {p['share_pct']:.2f}%")
     if result.get("contention"):
         print_contention(result["contention"])
+    if result.get("int8"):
+        print("\n| model | measured | PyTorch eager (s) | onnxruntime fp32 (s) | onnxruntime int8 (s) "
+              "| int8 vs fp32 | int8 vs eager |\n|---|---|---|---|---|---|---|")
+        for r in result["int8"]:
+            for kind, what in (("window", f"one {r['crop']}x{r['crop']} window, batch 1"),
+                               ("image", f"{r['image']} image, sliding window ({r['windows']} x2 flip)")):
+                t = r["seconds"][kind]
+                print(f"| {r['model']} {r['classes']} cl. | {what} | {t['pytorch']:.3f} | {t['onnxruntime_fp32']:.3f} "
+                      f"| {t['onnxruntime_int8']:.3f} | **{t['onnxruntime_fp32'] / t['onnxruntime_int8']:.2f}x** "
+                      f"| {t['pytorch'] / t['onnxruntime_int8']:.2f}x |")
     if result.get("onnx"):
         o = result["onnx"]
         print("\n| model | window | PyTorch fp32 (s/window) | onnxruntime (s/window) | speed-up | max abs diff |"
@@ -426,8 +498,12 @@ def main() -> None:
     parser.add_argument("--eval-scales", default="0.5,0.75,1.0,1.25,1.5,1.75", help="scales for the memory section")
     parser.add_argument("--psa-size", type=int, default=233, help="PSANet-50 input side for (c)")
     parser.add_argument("--only", default="train,eval,psa",
-                        help="comma list of sections: train, eval, memory, psa, onnx "
+                        help="comma list of sections: train, eval, memory, psa, onnx, int8 "
                              "(memory and onnx use the --eval-* sizes)")
+    parser.add_argument("--int8-configs",
+                        default="config/ade20k/ade20k_pspnet50.yaml,config/ade20k/ade20k_psanet50.yaml",
+                        help="configs whose networks (g) times, comma list")
+    parser.add_argument("--int8-size", default="512x683", help="image HxW of (g)'s sliding-window rows")
     parser.add_argument("--contention", action="store_true",
                         help="only (f): toy training and test.py, quiet and beside one busy process")
     parser.add_argument("--contention-samples", type=int, default=32, help="training samples per epoch for (f)")
@@ -470,6 +546,10 @@ def main() -> None:
     if "onnx" in sections:
         print("ONNX export and onnxruntime ...", flush=True)
         result["onnx"] = bench_onnx(args.eval_layers, args.eval_classes, args.eval_crop, args.repeats)
+    if "int8" in sections:
+        print("int8: PyTorch eager, onnxruntime float32 and int8 ...", flush=True)
+        h, w = (int(v) for v in args.int8_size.split("x"))
+        result["int8"] = [bench_int8(config, (h, w), args.repeats) for config in args.int8_configs.split(",")]
     print_tables(result)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))

@@ -10,8 +10,10 @@ _overlay.png and prints each path. The default output is TEST.save_folder/demo f
 and TEST.save_folder/demo/<file name>.onnx for an ONNX file, so that neither overwrites the other
 (as tool/test.sh puts an export's evaluation in result/<file name>.onnx/). Segmentation goes
 through util.predictor.Predictor. CUDA when available (ONNX files run on the CPU), else CPU.
---video writes <output>/<stem>_overlay.mp4 (same frame count, rate and size; a legend of the
-classes present; no audio) and with --save-labels <stem>_frames/<index:06d>.png: see util/video.py.
+--video writes <output>/<stem>_overlay.mp4: H.264 (yuv420p, +faststart: browsers and slide tools play
+it) with the input's frame count, exact frame rate, size and audio, and a legend of the classes
+present; with --save-labels also <stem>_frames/<index:06d>.png: see util/video.py. --opacity sets
+the weight of the class colours over the picture in the overlays (PNG and video).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import numpy as np  # noqa: E402
 from util.checkpoint import check_writable  # noqa: E402
 from util.cli import Progress, run_main, setup_logging  # noqa: E402
 from util.config import add_config_arguments, load_config, parse_config_args  # noqa: E402
-from util.errors import ConfigError, DataError  # noqa: E402
+from util.errors import ConfigError, DataError, UserError  # noqa: E402
 from util.image_io import IMAGE_SUFFIXES, read_image_rgb  # noqa: E402
 from util.palette import colorize, read_colors, read_names, write_png  # noqa: E402
 from util.predictor import Predictor  # noqa: E402
@@ -61,16 +63,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="an image file or a folder of images")
-    source.add_argument("--video", help="a video file (OpenCV reads it): writes <stem>_overlay.mp4")
+    source.add_argument("--video", help="a video file (OpenCV reads it): writes <stem>_overlay.mp4 (H.264)")
     parser.add_argument("--every", type=int, default=1, help="--video: segment every Nth frame only")
     parser.add_argument("--save-labels", action="store_true", help="--video: also <stem>_frames/<index>.png")
     parser.add_argument("--output", default="",
                         help="output folder (default TEST.save_folder/demo, for an ONNX file demo/<file name>)")
-    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the colour mask in the overlay")
+    parser.add_argument("--opacity", "--alpha", type=float, default=0.5, dest="opacity",
+                        help="weight of the class colours over the picture in the overlay, 0..1 (default 0.5)")
     add_config_arguments(parser)
     args = parse_config_args(parser)
     setup_logging()
     cfg = load_config(args.config, args.opts)
+    if not 0 <= args.opacity <= 1:
+        raise UserError(f"--opacity {args.opacity}: expected 0 (picture only) to 1 (class colours only)")
     if not cfg.colors_path:
         raise ConfigError("TEST.colors_path is not set: the demo needs class colours for its PNGs")
     colors = read_colors(cfg.colors_path, cfg.classes)
@@ -83,14 +88,14 @@ def main() -> None:
     predictor = Predictor.from_config(cfg)
     if video:
         names = read_names(cfg.names_path, cfg.classes) if cfg.names_path else None
-        for path in segment_video(predictor, video, output, colors, names, args.every, args.save_labels, args.alpha):
+        for path in segment_video(predictor, video, output, colors, names, args.every, args.save_labels, args.opacity):
             print(path)
     progress = Progress(len(images))
     for done, path in enumerate(images, start=1):
         image = read_image_rgb(str(path))
         pred = predictor.predict(image)
         color = colorize(pred, colors)
-        overlay = (image * (1 - args.alpha) + color * args.alpha).clip(0, 255).astype(np.uint8)
+        overlay = (image * (1 - args.opacity) + color * args.opacity).clip(0, 255).astype(np.uint8)
         for suffix, array in (("gray", pred), ("color", color), ("overlay", overlay)):
             out = output / f"{path.stem}_{suffix}.png"
             write_png(out, array)

@@ -83,20 +83,35 @@ def window_coverage(size: int, crop: int, starts: list[int]) -> torch.Tensor:
     return coverage
 
 
+def pad_to_window(image: torch.Tensor, crop_h: int, crop_w: int) -> tuple[torch.Tensor, int, int]:
+    """(padded image, top, left): a normalised 3xHxW image padded to at least one window, split evenly.
+    Padding with zeros in normalised space equals the reference's padding with the mean."""
+    _, h, w = image.shape
+    pad_h, pad_w = max(crop_h - h, 0), max(crop_w - w, 0)
+    top, left = pad_h // 2, pad_w // 2
+    padded = F.pad(image, (left, pad_w - left, top, pad_h - top)) if pad_h or pad_w else image
+    return padded, top, left
+
+
+def image_windows(image: torch.Tensor, crop_h: int, crop_w: int, stride_rate: float = 2 / 3) -> torch.Tensor:
+    """(windows, 3, crop_h, crop_w): the windows sliding_window_predict feeds the network for one
+    normalised 3xHxW image, unflipped (int8 calibration sees exactly what inference will)."""
+    padded, _, _ = pad_to_window(image, crop_h, crop_w)
+    grid = window_grid(*padded.shape[1:], crop_h, crop_w, stride_rate)
+    return torch.stack([padded[:, y:y + crop_h, x:x + crop_w] for y, x in grid])
+
+
 @torch.inference_mode()
 def sliding_window_predict(model: torch.nn.Module, image: torch.Tensor, classes: int, crop_h: int, crop_w: int,
                            stride_rate: float = 2 / 3, flip: bool = True, batch_size: int = 8,
                            channels_last: bool = False, amp: str = "off") -> torch.Tensor:
     """Class probabilities (classes, H, W) of one normalised 3xHxW image, on the image's device.
 
-    Padding with zeros in normalised space equals the reference's padding with the mean. `amp`
-    (off | bf16 | fp16) is the precision of the network alone; its logits are cast back before
-    the softmax.
+    `amp` (off | bf16 | fp16) is the precision of the network alone; its logits are cast back
+    before the softmax.
     """
     _, h, w = image.shape
-    pad_h, pad_w = max(crop_h - h, 0), max(crop_w - w, 0)
-    top, left = pad_h // 2, pad_w // 2
-    padded = F.pad(image, (left, pad_w - left, top, pad_h - top)) if pad_h or pad_w else image
+    padded, top, left = pad_to_window(image, crop_h, crop_w)
     ph, pw = padded.shape[1:]
     probs = torch.zeros(classes, ph, pw, device=image.device, dtype=image.dtype)
     rows, columns = window_offsets(ph, pw, crop_h, crop_w, stride_rate)

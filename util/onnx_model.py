@@ -5,7 +5,8 @@ exporter cannot export PSPNet's adaptive average pooling at sizes that do not di
 standard opset with no custom domains, input `image` (N, 3, H, W) float32 normalised as
 util/inference.py feeds the network, with a dynamic batch N, and output `logits` (N, classes, h, w).
 Everything a consumer needs besides the graph (classes, window, mean/std, class names and colours,
-the test settings) goes into the file's metadata_props, each value JSON-encoded.
+the test settings) goes into the file's metadata_props, each value JSON-encoded; an int8 file
+(util/quantize.py) adds its precision, how it was quantized and what it was checked against.
 
 OnnxNetwork loads such a file in onnxruntime (CPU) and is called like the PyTorch network: a torch
 batch in, torch logits out on the batch's device, so the sliding-window code runs it unchanged.
@@ -30,6 +31,7 @@ OPSET = 18
 INPUT, OUTPUT = "image", "logits"
 TOLERANCE = 1e-3  # largest max abs logit difference between onnxruntime and PyTorch that export accepts
 REQUIRED_METADATA = ("classes", "window", "mean", "std", "class_names")
+logger = logging.getLogger(__name__)
 
 
 def export_metadata(cfg: Any, names: list[str], colors: list[list[int]] | None, source: str) -> dict[str, Any]:
@@ -85,6 +87,16 @@ class OnnxNetwork:
             raise CheckpointError(f"{config_key}: {self.path} is not a loadable ONNX model ({first})") from None
         self.metadata = read_metadata(self.session.get_modelmeta().custom_metadata_map, self.path, config_key)
         self.input_name = self.session.get_inputs()[0].name
+        logger.info("onnxruntime runs %s: %s, %d thread(s)", self.path, self.precision, options.intra_op_num_threads)
+
+    @property
+    def precision(self) -> str:
+        """float32, or int8 for a file quantized by tool/export.py --int8 (with how it was checked)."""
+        if self.metadata.get("precision") != "int8":
+            return "float32"
+        check = self.metadata.get("check")
+        return "int8 (static QDQ)" + (f"; {100 * check['agreement']:.2f}% of the pixels of {check['images']} held-out "
+                                      f"images agreed with float32" if check else "")
 
     @property
     def classes(self) -> int:

@@ -3,11 +3,14 @@
     from util.video import VideoReader, segment_video
     written = segment_video(predictor, VideoReader(Path("drive.mp4")), Path("out"), colors, names, save_labels=True)
 
-OpenCV reads the input (the FFmpeg inside the opencv-python wheel: no extra dependency) and writes
-<output>/<stem>_overlay.mp4 with the input's frame count, frame rate and size, coded as MPEG-4
-Part 2 (fourcc mp4v, the codec the wheel can write without further libraries; H.264 needs an FFmpeg
-built with an encoder). Audio is not carried over. Each overlay frame carries a legend of the
-classes present in its segmentation. With save_labels, <output>/<stem>_frames/<index:06d>.png
+OpenCV decodes the input's frames (the FFmpeg inside the opencv-python wheel). PyAV (the FFmpeg and
+libx264 of its wheel) reads the input's exact frame rate, a fraction such as 30000/1001, and writes
+<output>/<stem>_overlay.mp4 as H.264, yuv420p, with the index at the front (+faststart), so that
+browsers and slide tools play it, with the input's frame count, frame rate and size; the input's
+first audio track is copied over unchanged (re-encoded as AAC if MP4 cannot hold its codec). A
+frame of odd width or height cannot be 4:2:0 and is written 4:4:4 (exact size; players such as VLC
+take it, browsers do not). Each overlay frame carries a legend of the classes present in its
+segmentation. With save_labels, <output>/<stem>_frames/<index:06d>.png
 holds the gray class ids of each segmented frame (index counts from 0 in the input).
 
 every=N segments frames 0, N, 2N, ... only; a frame in between shows the latest segmentation over
@@ -26,9 +29,11 @@ import os
 import re
 import shutil
 import time
+from fractions import Fraction
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
+import av
 import cv2
 import numpy as np
 
@@ -38,8 +43,9 @@ from util.image_io import IMAGE_SUFFIXES
 from util.palette import colorize, write_png
 
 logger = logging.getLogger(__name__)
-FOURCC = "mp4v"
 DEFAULT_FPS = 25.0  # for the rare file that records no frame rate
+# Audio codecs an MP4 file holds as they are; any other track is re-encoded as AAC.
+MP4_AUDIO = {"aac", "mp3", "ac3", "eac3", "opus", "flac", "alac"}
 REPORT_SECONDS = 5.0  # how often the progress line is logged
 # FFmpeg prints its own complaints about a damaged file on stderr; the DataError says it in one line.
 # OpenCV reads the variable when it first uses FFmpeg, so setting it here, before that, is enough.
@@ -81,7 +87,8 @@ def fourcc_text(code: float) -> str:
 
 
 class VideoReader:
-    """The frames of a video file (BGR uint8), its frame rate, size and announced frame count.
+    """The frames of a video file (BGR uint8), its exact frame rate (`rate`, a Fraction; `fps` as a
+    float), size, announced frame count and whether it has an audio track (`audio`).
 
     Opening fails with one DataError naming the file: missing, empty, an image, not a video, or a
     video whose codec OpenCV's FFmpeg cannot decode (the first frame is decoded to find out)."""
@@ -112,9 +119,12 @@ class VideoReader:
                             f"OpenCV's FFmpeg lacks the codec")
         self.height, self.width = self.first.shape[:2]
         self.announced = max(int(self.capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0)  # 0: not recorded
+        recorded, self.audio = probe(path)
         fps = self.capture.get(cv2.CAP_PROP_FPS)
-        self.fps = fps if fps > 0 else DEFAULT_FPS
-        if fps <= 0:
+        # The exact fraction (29.97 is 30000/1001): a float rate drifts from the input's timing.
+        self.rate = recorded or (Fraction(fps).limit_denominator(1001) if fps > 0 else Fraction(DEFAULT_FPS))
+        self.fps = float(self.rate)
+        if not recorded and fps <= 0:
             logger.warning("%s records no frame rate; the overlay uses %g frames/s", path, DEFAULT_FPS)
 
     def __iter__(self) -> Iterator[np.ndarray]:
@@ -128,6 +138,66 @@ class VideoReader:
 
     def close(self) -> None:
         self.capture.release()
+
+
+def probe(path: Path) -> tuple[Fraction | None, bool]:
+    """(the video's exact frame rate or None, whether it has an audio track), as PyAV reads them."""
+    try:
+        with av.open(str(path)) as container:
+            video = container.streams.video[0]
+            rate = video.average_rate or video.guessed_rate
+            return (Fraction(rate) if rate else None), bool(container.streams.audio)
+    except (av.FFmpegError, IndexError):  # OpenCV read it; its rate will do
+        return None, False
+
+
+class H264Writer:
+    """BGR frames into an H.264 MP4 (yuv420p, +faststart) at an exact frame rate, with the first audio
+    track of `audio_from` when given. `write` each frame, then `finish`; `close` in any case."""
+
+    def __init__(self, path: Path, width: int, height: int, rate: Fraction, audio_from: Path | None = None):
+        self.container = av.open(str(path), "w", format="mp4", options={"movflags": "+faststart"})
+        self.video = self.container.add_stream("libx264", rate=rate)
+        self.video.width, self.video.height = width, height
+        self.video.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"  # 4:2:0 needs even sizes
+        self.time_base, self.frames = 1 / rate, 0
+        # Streams must all exist before the first packet is written, so the audio track is set up now.
+        self.source = av.open(str(audio_from)) if audio_from else None
+        self.audio_in = self.source.streams.audio[0] if self.source and self.source.streams.audio else None
+        self.audio_out = None
+        if self.audio_in is not None:
+            if self.audio_in.codec_context.name in MP4_AUDIO:
+                self.audio_out = self.container.add_stream_from_template(self.audio_in)
+            else:
+                self.audio_out = self.container.add_stream("aac", rate=self.audio_in.rate)
+                self.audio_out.layout = self.audio_in.layout
+
+    def write(self, frame: np.ndarray) -> None:
+        picture = av.VideoFrame.from_ndarray(frame, format="bgr24")
+        picture.pts, picture.time_base = self.frames, self.time_base  # frame k at k / rate exactly
+        self.container.mux(self.video.encode(picture))
+        self.frames += 1
+
+    def finish(self) -> None:
+        """Flush the encoder and write the audio track: copied packet by packet, or re-encoded as AAC."""
+        self.container.mux(self.video.encode(None))
+        if self.audio_in is None:
+            return
+        if self.audio_in.codec_context.name in MP4_AUDIO:
+            for packet in self.source.demux(self.audio_in):
+                if packet.dts is not None:  # the demuxer's empty flush packet
+                    packet.stream = self.audio_out
+                    self.container.mux(packet)
+        else:
+            for sound in self.source.decode(self.audio_in):
+                sound.pts = None  # the encoder counts samples itself
+                self.container.mux(self.audio_out.encode(sound))
+            self.container.mux(self.audio_out.encode(None))
+
+    def close(self) -> None:
+        self.container.close()
+        if self.source:
+            self.source.close()
 
 
 def legend_layout(frame_height: int) -> tuple[int, int]:
@@ -200,11 +270,11 @@ def staged(finals: Sequence[Path]) -> Iterator[list[Path]]:
 
 def frames_in(path: Path) -> int:
     """The frame count a written video file records (0 when it cannot be opened)."""
-    with opencv_quiet():
-        capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
-        count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if capture.isOpened() else 0
-        capture.release()
-    return max(count, 0)
+    try:
+        with av.open(str(path)) as container:
+            return max(container.streams.video[0].frames, 0)
+    except (av.FFmpegError, IndexError):
+        return 0
 
 
 def segment_video(predictor: FramePredictor, reader: VideoReader, output: Path, colors: np.ndarray,
@@ -221,16 +291,16 @@ def segment_video(predictor: FramePredictor, reader: VideoReader, output: Path, 
     overlay_path = output / f"{stem}_overlay.mp4"
     finals = [overlay_path] + ([output / f"{stem}_frames"] if save_labels else [])
     try:
+        output.mkdir(parents=True, exist_ok=True)
         with staged(finals) as temporaries:
-            writer = cv2.VideoWriter(str(temporaries[0]), cv2.VideoWriter_fourcc(*FOURCC), reader.fps,
-                                     (reader.width, reader.height))
-            if not writer.isOpened():
-                raise DataError(f"--output {output}: OpenCV cannot write {FOURCC} video to {overlay_path.name}")
+            writer = H264Writer(temporaries[0], reader.width, reader.height, reader.rate,
+                                reader.path if reader.audio else None)
             try:
                 written, segmented = run_frames(predictor, reader, writer, temporaries[1:], colors, names, every,
                                                 alpha)
+                writer.finish()
             finally:
-                writer.release()
+                writer.close()
             if frames_in(temporaries[0]) != written:
                 raise DataError(f"--output {output}: writing {overlay_path.name} failed (is the disk full?)")
     finally:
@@ -238,12 +308,13 @@ def segment_video(predictor: FramePredictor, reader: VideoReader, output: Path, 
     if reader.announced and written != reader.announced:
         logger.warning("%s announces %d frames but %d could be decoded; the overlay has %d (the file may be "
                        "damaged or truncated)", reader.path, reader.announced, written, written)
-    logger.info("video %s: %d frames, %d segmented (every %d), %dx%d at %g frames/s", reader.path, written,
-                segmented, every, reader.width, reader.height, reader.fps)
+    logger.info("video %s: %d frames, %d segmented (every %d), %dx%d at %s frames/s (%g), H.264%s", reader.path,
+                written, segmented, every, reader.width, reader.height, reader.rate, reader.fps,
+                " with the input's audio" if reader.audio else "")
     return finals
 
 
-def run_frames(predictor: FramePredictor, reader: VideoReader, writer: cv2.VideoWriter, label_folders: list[Path],
+def run_frames(predictor: FramePredictor, reader: VideoReader, writer: H264Writer, label_folders: list[Path],
                colors: np.ndarray, names: Sequence[str], every: int, alpha: float) -> tuple[int, int]:
     """Segment, overlay and write every frame; return (frames written, frames segmented)."""
     progress, last_report = Progress(reader.announced), time.perf_counter()
