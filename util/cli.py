@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from util.errors import UserError
+from util.errors import RunStopped, UserError
 
 LOG_FORMAT = "[%(asctime)s %(levelname)s] %(message)s"
 
@@ -117,6 +117,9 @@ def run_main(main: Callable[[], int | None]) -> None:
             raise
         print(f"error: {reason}", file=sys.stderr)
         sys.exit(1)
+    except RunStopped as stop:
+        print(f"stopped; {stop}", file=sys.stderr)
+        sys.exit(stop.status)
     except KeyboardInterrupt as interrupt:  # a script may say in it how to continue
         print(f"interrupted; {interrupt}" if str(interrupt) else "interrupted", file=sys.stderr)
         sys.exit(130)
