@@ -19,7 +19,7 @@ import torch
 
 from conftest import CPU_ONLY, REPO_ROOT, write_config
 from test_train import assert_same_weights, final_weights
-from util.preemption import PAUSE_VARIABLE, RELEASED, STOPPED_STATUS
+from util.preemption import PAUSE_VARIABLE, RELEASED, STOP_SIGNALS, STOPPED_STATUS
 
 TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 TRAIN = {"epochs": 3, "print_freq": 2, "sync_bn": False, "checkpoint_minutes": 0}
@@ -84,27 +84,91 @@ def parameters(weights: dict) -> dict:
     return {k: v for k, v in weights.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
 
 
+def stopped_lines(log: str) -> list[str]:
+    """The last line of each process that stopped on request (util.cli.run_main prints it, then exits 75)."""
+    return [line for line in log.splitlines() if line.startswith("stopped; ")]
+
+
 @pytest.mark.slow
-def test_sigterm_to_torchrun_saves_the_iteration_and_one_process_finishes_the_run(tiny_toy, tmp_path, uninterrupted):
+def test_sigterm_to_torchrun_then_sigusr1_to_one_rank_then_one_process_end_as_if_never_stopped(
+        tiny_toy, tmp_path, uninterrupted):
+    """Three legs, each resuming the last: SIGTERM to torchrun in epoch 2, SIGUSR1 to rank 1 alone in
+    epoch 3, then one process (two accumulation steps, the same global batches) finishes."""
     cfg = config(tmp_path, tiny_toy)
-    run = start(cfg, pause=(ITERATIONS_PER_EPOCH + 1, tmp_path / "pause"))  # epoch 2, step 1
-    paused_ranks(tmp_path / "pause", 2, run)
-    run.send_signal(signal.SIGTERM)  # as SLURM or a user ends torchrun
-    time.sleep(0.5)  # torchrun passes it on to its workers from its monitoring loop
-    release(tmp_path / "pause")
-    status, log = finish(run, cfg)
     model_dir = tmp_path / "model"
-    assert status != 0, log[-3000:]
-    assert log.count(f"exitcode  : {STOPPED_STATUS}") + log.count(f"exit code {STOPPED_STATUS}") >= 0
-    assert "stopped on SIGTERM in epoch 2/3 after step 1/2 (iteration 3)" in log, log[-3000:]
+    run = start(cfg, pause=(ITERATIONS_PER_EPOCH + 1, tmp_path / "pause1"))  # epoch 2, step 1
+    paused_ranks(tmp_path / "pause1", 2, run)
+    run.send_signal(signal.SIGTERM)  # as SLURM or a user ends torchrun; it passes SIGTERM on
+    time.sleep(0.5)  # torchrun's monitoring loop wakes up every 0.1 s to pass it on
+    release(tmp_path / "pause1")
+    status, log = finish(run, cfg)
+    assert status == 1, log[-3000:]  # torchrun's own status after a SIGTERM; its workers exit 75 (below)
+    where = "on SIGTERM in epoch 2/3 after step 1/2 (iteration 3)"
+    assert len(stopped_lines(log)) == 2 and all(where in line for line in stopped_lines(log)), log[-3000:]
+    assert f"{model_dir / 'train_epoch_2_step_1.pth'} holds epoch 1 of 3 and step 1 of epoch 2; to continue from " \
+           f"it, run: torchrun --nproc_per_node=2 " in log
     assert mid_epoch_files(model_dir) == ["train_epoch_2_step_1.pth"]
     assert not (model_dir / "train_epoch_2.pth").exists()
-    hint = re.search(r"to continue from it, run: (.+)", log)
-    assert hint and "TRAIN.resume auto" in hint.group(1), log[-3000:]
 
-    # one process, two accumulation steps: the same global batches, the same arithmetic
-    resumed = start(cfg, "TRAIN.resume", "auto", "TRAIN.accum_steps", "2", launcher=[sys.executable])
-    status, log = finish(resumed, cfg)
-    assert status == 0, log[-3000:]
+    run = start(cfg, "TRAIN.resume", "auto", pause=(2 * ITERATIONS_PER_EPOCH + 1, tmp_path / "pause2"))
+    pids = paused_ranks(tmp_path / "pause2", 2, run)
+    os.kill(pids[1], signal.SIGUSR1)  # one rank only: SLURM's --signal reaches the tasks one by one
+    release(tmp_path / "pause2")
+    status, log = finish(run, cfg)
+    assert status == 1 and f"exitcode  : {STOPPED_STATUS}" in log, log[-3000:]  # torchrun's failure report
     assert "resumed from" in log and "train_epoch_2_step_1.pth (epoch 2, after step 1)" in log
+    assert len(stopped_lines(log)) == 2
+    assert all("on SIGUSR1 in epoch 3/3 after step 1/2 (iteration 5)" in line for line in stopped_lines(log))
+    assert mid_epoch_files(model_dir) == ["train_epoch_3_step_1.pth"]  # only the newest is kept
+
+    run = start(cfg, "TRAIN.resume", "auto", "TRAIN.accum_steps", "2", launcher=[sys.executable])
+    status, log = finish(run, cfg)
+    assert status == 0, log[-3000:]
+    assert "train_epoch_3_step_1.pth (epoch 3, after step 1)" in log
     assert_same_weights(parameters(final_weights(model_dir, 3)), parameters(uninterrupted), atol=0)
+
+
+@pytest.mark.slow
+def test_max_restarts_resumes_by_itself_after_a_sigkill(tiny_toy, tmp_path, uninterrupted):
+    """One worker killed at the end of epoch 2 (after the mid-epoch checkpoint of its step 1, before
+    the epoch's own): torchrun restarts the group, which continues from that checkpoint, not from
+    scratch, and ends with the uninterrupted weights (BatchNorm statistics included)."""
+    cfg = config(tmp_path, tiny_toy)
+    restarts = [*TORCHRUN_2, "--max-restarts=1"]
+    run = start(cfg, "TRAIN.checkpoint_minutes", "1e-9", launcher=restarts, pause=(4, tmp_path / "pause"))
+    pids = paused_ranks(tmp_path / "pause", 2, run)
+    assert mid_epoch_files(tmp_path / "model") == ["train_epoch_2_step_1.pth"]
+    os.kill(pids[1], signal.SIGKILL)
+    release(tmp_path / "pause")
+    status, log = finish(run, cfg)
+    assert status == 0, log[-3000:]
+    assert "resumed from" in log and "train_epoch_2_step_1.pth (epoch 2, after step 1)" in log, log[-3000:]
+    assert "moved them" not in log  # the restarted group did not start over
+    assert_same_weights(final_weights(tmp_path / "model", 3), uninterrupted, atol=0)
+
+
+def test_a_mid_epoch_checkpoint_is_saved_every_n_minutes_and_only_the_newest_kept(tiny_toy, tmp_path, monkeypatch):
+    """A clock the test sets: 4 minutes pass per step (4 steps an epoch), a checkpoint is due 7 minutes
+    after the last one; an epoch's own checkpoint counts as one. Runs in this process."""
+    from tool import train
+    from util.config import load_config
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", tiny_toy, TRAIN={"checkpoint_minutes": 7, "print_freq": 4}))
+    now = [0.0]
+    seen = []  # the mid-epoch files after each step, before that step's own save
+
+    def four_minutes_per_step(iteration: int, rank: int) -> None:  # train.py calls it after every step
+        now[0] += 4 * 60
+        seen.append(mid_epoch_files(tmp_path / "model"))
+
+    monkeypatch.setattr(train, "pause_for_test", four_minutes_per_step)
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    try:
+        train.train_worker(cfg, None, clock=lambda: now[0])
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        torch.set_num_threads(2)
+    first, second = ["train_epoch_1_step_2.pth"], ["train_epoch_2_step_2.pth"]
+    assert seen == [[], [], first, first, first, first, second, second]  # saved at minutes 8 and 24
+    assert mid_epoch_files(tmp_path / "model") == second
+    assert (tmp_path / "model" / "train_epoch_2.pth").is_file()

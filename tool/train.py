@@ -24,6 +24,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,9 +52,9 @@ from util.cli import Progress, run_main, setup_logging  # noqa: E402
 from util.config import (NO_FILE, Config, add_config_arguments, describe_schema, load_config,  # noqa: E402
                          parse_config_args)
 from util.dataset import dataset_from_config  # noqa: E402
-from util.distributed import (DistInfo, GlobalBatchSampler, broadcast_object, cleanup_distributed,  # noqa: E402
-                              default_workers, detect_launch, init_distributed, local_world_size, shard_indices,
-                              visible_devices)
+from util.distributed import (RESTART_VARIABLE, DistInfo, GlobalBatchSampler, broadcast_object,  # noqa: E402
+                              cleanup_distributed, default_workers, detect_launch, init_distributed, local_world_size,
+                              shard_indices, visible_devices)
 from util.errors import ConfigError, RunStopped, UserError  # noqa: E402
 from util.experiment import RESUME_COMMAND_VARIABLE, resume_command  # noqa: E402
 from util.loss import count_valid, label_at_output_size, segmentation_loss  # noqa: E402
@@ -194,7 +195,8 @@ def save_checkpoint(cfg: Config, state: dict, is_best: bool, epoch_file: bool) -
     return written
 
 
-def train_worker(cfg: Config, imagenet: Path | None) -> None:
+def train_worker(cfg: Config, imagenet: Path | None, clock: Callable[[], float] = time.monotonic) -> None:
+    """One process of the run; `clock` (minutes apart: TRAIN.checkpoint_minutes) is a test's to set."""
     info = init_distributed(cfg.dist_backend, cfg.dist_timeout)
     save_path = Path(cfg.save_path)
     if info.is_main:
@@ -265,7 +267,7 @@ def train_worker(cfg: Config, imagenet: Path | None) -> None:
     writer = SummaryWriter(str(save_path)) if info.is_main else None
 
     progress = Progress(max_iter, start=start_epoch * steps + start_step)
-    timer = CheckpointTimer(cfg.checkpoint_minutes)
+    timer = CheckpointTimer(cfg.checkpoint_minutes, clock)
     scores = None
 
     def save_position(epochs_done: int, step: int) -> None:
@@ -523,6 +525,8 @@ def spawn_worker(local_rank: int, cfg: Config, gpus: int, imagenet: Path | None)
 def main() -> None:
     args = parse_args()
     cfg = load_config(args.config, args.opts)
+    if not cfg.resume and int(os.environ.get(RESTART_VARIABLE, "0")) > 0:
+        cfg.resume = "auto"  # a group that torchrun --max-restarts restarts goes on; starting over would archive it
     imagenet = imagenet_start(cfg)
     launched = detect_launch(os.environ).launcher != "single"
     if not launched and cfg.train_gpu:  # before any CUDA call, so that this launch sees only these GPUs

@@ -32,6 +32,7 @@ DEFAULT_MASTER_PORT = 29500
 DEFAULT_TIMEOUT_S = 1800.0
 BACKENDS = ("auto", "nccl", "gloo")
 EPOCH_SEED_STRIDE = 1_000_003
+RESTART_VARIABLE = "TORCHELASTIC_RESTART_COUNT"  # torchrun's count of group restarts (--max-restarts)
 
 
 @dataclass(frozen=True)
@@ -242,10 +243,10 @@ def attempt_store(env: Mapping[str, str], timeout: timedelta) -> dist.Store:
     MASTER_ADDR:PORT for the whole job, and a group restarted by --max-restarts writes the same
     keys as the group that died, whose addresses are still there. A new rank that read a dead
     rank's address before its peer replaced it failed in gloo's connectFullMesh with "Connection
-    refused". Keys under a prefix per restart (TORCHELASTIC_RESTART_COUNT) are never stale."""
+    refused". Keys under a prefix per restart (RESTART_VARIABLE) are never stale."""
     store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
     store.set_timeout(timeout)
-    return dist.PrefixStore(f"semseg/attempt{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return dist.PrefixStore(f"semseg/attempt{env.get(RESTART_VARIABLE, '0')}", store)
 
 
 def is_distributed() -> bool:
