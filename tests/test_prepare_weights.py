@@ -24,7 +24,7 @@ from model.imagenet_convert import TIMM_STEM, convert_imagenet_weights, read_wei
 from model.imagenet_sources import SOURCES, Source, describe_sources
 from model.pspnet import PSPNet
 from model.resnet import build_resnet
-from model.weights import load_backbone_weights
+from model.imagenet_convert import load_backbone_weights
 from tool import prepare_weights
 from util.errors import CheckpointError, UserError
 
@@ -286,7 +286,7 @@ def _known_name_wrong_hash(tmp_path):
     (_seven_by_seven, ["7x7 stem", "deep 3x3 stem"]),
     (_segmentation, ["segmentation checkpoint", "TRAIN.weight"]),
     (_untrained_bn, ["layer2.1.bn2", "initial statistics"]),
-    (_missing_tensor, ["missing after conversion", "layer3.4.conv2.weight"]),
+    (_missing_tensor, ["from the timm layout: 1 missing (layer3.4.conv2.weight)", "likely cause"]),
     (_known_name_wrong_hash, ["refused:", "1762acc0"]),
     (lambda tmp: tmp / "absent.pth", ["absent.pth does not exist"]),
 ])

@@ -42,8 +42,9 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from lib.sync_bn import convert_sync_batchnorm  # noqa: E402
 from model import build_model  # noqa: E402
-from model.weights import (imagenet_weights_path, load_backbone_weights, load_checkpoint, load_model_state,  # noqa: E402
-                           load_model_weights)
+from model.imagenet_convert import load_backbone_weights  # noqa: E402
+from model.imagenet_sources import fetch_command, source_depths  # noqa: E402
+from model.weights import imagenet_weights_path, load_checkpoint, load_model_state, load_model_weights  # noqa: E402
 from util.checkpoint import (BEST_FILE, archive_previous_run, atomic_save, check_writable,  # noqa: E402
                              checkpoints_to_come, epoch_checkpoints, mid_epoch_file, prune_checkpoints,
                              prune_mid_epoch, remove_stale_temporaries, resolve_resume, rng_state, set_rng_state,
@@ -123,8 +124,14 @@ def imagenet_start(cfg: Config) -> Path | None:
     else:
         what = (f"TRAIN.pretrained_backbone is not set, so the backbone starts from semseg's ImageNet weights, the "
                 f"deep-stem ResNet-{cfg.layers} file that semseg's PSPNet/PSANet load by default:")
-    fetch = (f"python tool/prepare_weights.py --layers {cfg.layers} fetches it" if not cfg.pretrained_backbone
-             else f"python tool/prepare_weights.py --layers {cfg.layers} --output {path} writes it")
+    command = fetch_command(cfg.layers)
+    if command is None:
+        fetch = (f"no public source has ImageNet weights for ResNet-{cfg.layers} (prepare_weights fetches "
+                 f"ResNet-{', -'.join(map(str, source_depths()))}); train one of those depths with TRAIN.layers")
+    elif cfg.pretrained_backbone:
+        fetch = f"{command} --output {path} writes it"
+    else:
+        fetch = f"{command} fetches it"
     raise ConfigError(f"{what} {path} not found; {fetch}, or put the file there, set TRAIN.pretrained_backbone to "
                       f"its path, or set TRAIN.pretrained_backbone {NO_FILE} to train from random weights")
 
