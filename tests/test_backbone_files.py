@@ -33,6 +33,17 @@ def mit_semseg_file(folder, extra: str = ""):
     return folder / "mit_resnet18.pth"
 
 
+def test_prepare_weights_takes_a_mit_semseg_file(tmp_path):
+    """Its SyncBN buffers dropped, the tensors are those of the same weights in timm's layout."""
+    outputs = {}
+    for name, path in {"mit": mit_semseg_file(tmp_path / "mit"),
+                       "timm": write_source(imagenet_state(18), "timm-pth", tmp_path / "timm")}.items():
+        outputs[name] = tmp_path / f"{name}_v2.pth"
+        prepare_weights.main(["--layers", "18", "--from-file", str(path), "--output", str(outputs[name])])
+    mit, timm = (torch.load(outputs[name], weights_only=True) for name in ("mit", "timm"))
+    assert mit.keys() == timm.keys() and all(torch.equal(mit[k], timm[k]) for k in mit)
+
+
 def first_losses(log: str) -> str:
     return re.search(r"step \[1/1\] (main loss \S+ aux loss \S+)", log).group(1)
 

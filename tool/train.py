@@ -63,7 +63,8 @@ from util.memory import children_peak_mib  # noqa: E402
 from util.metrics import ConfusionMatrix, format_scores_table  # noqa: E402
 from util.optim import build_optimizer, optimizer_state_from_semseg, set_poly_lr  # noqa: E402
 from util.palette import read_names  # noqa: E402
-from util.preemption import CheckpointTimer, StopRequest, exit_status, pause_for_test, signal_name  # noqa: E402
+from util.preemption import (STOP_SIGNALS, CheckpointTimer, StopRequest, exit_status, pause_for_test,  # noqa: E402
+                             signal_name)
 from util.precision import autocast  # noqa: E402
 from util.transform import build_train_transform, build_val_transform  # noqa: E402
 
@@ -96,9 +97,16 @@ def make_train_loader(cfg: Config, info: DistInfo, seed: int, workers: int) -> t
                           f"{cfg.train_list}: {e}") from None
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                         pin_memory=info.device.type == "cuda", persistent_workers=workers > 0,
-                        prefetch_factor=4 if workers > 0 else None, worker_init_fn=init_data_worker,
+                        prefetch_factor=4 if workers > 0 else None, worker_init_fn=init_train_data_worker,
                         generator=torch.Generator().manual_seed(seed))  # keeps the global RNG untouched
     return loader, sampler
+
+
+def init_train_data_worker(worker_id: int) -> None:
+    """A data worker leaves the stop signals to its training process, which ends it when it stops."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    init_data_worker(worker_id)
 
 
 def make_val_loader(cfg: Config, info: DistInfo, workers: int) -> DataLoader:
