@@ -211,7 +211,8 @@ def save_checkpoint(cfg: Config, state: dict, is_best: bool, epoch_file: bool) -
 
 
 def train_worker(cfg: Config, imagenet: Path | None, clock: Callable[[], float] = time.monotonic) -> None:
-    """One process of the run; `clock` (minutes apart: TRAIN.checkpoint_minutes) is a test's to set."""
+    """One process of the run. `clock` times the mid-epoch checkpoints (TRAIN.checkpoint_minutes); a test
+    passes one it sets."""
     info = init_distributed(cfg.dist_backend, cfg.dist_timeout)
     save_path = Path(cfg.save_path)
     if info.is_main:
