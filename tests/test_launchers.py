@@ -13,7 +13,7 @@ from pathlib import Path
 from conftest import CPU_ONLY, REPO_ROOT
 from util.config import load_config
 from util.experiment import RESUME_COMMAND_VARIABLE, evaluation_paths, result_folder, rerun_command, resume_command
-from util.preemption import PAUSE_VARIABLE, RELEASED
+from util.preemption import PAUSE_VARIABLE
 
 
 def tiny_overrides(toy: Path) -> list[str]:
@@ -89,8 +89,8 @@ def test_train_sh_fails_with_the_training_status_and_keeps_the_reason(tiny_toy, 
 
 def test_ctrl_c_under_train_sh_says_how_to_continue_and_the_same_command_resumes(tiny_toy, tmp_path):
     """SIGINT to the whole foreground process group, as a terminal's Ctrl-C sends it, while training
-    waits after the first step of epoch 2 (the test hook of util/preemption.py: no race with a
-    one-second epoch): that step is saved, `interrupted` and the command to continue reach the terminal
+    waits after the first step of epoch 2 until it sees the signal (the test hook of
+    util/preemption.py: no race with a one-second epoch): that step is saved, `interrupted` and the command to continue reach the terminal
     and train-<time>.out, no temporary file is left, and that command finishes the run and evaluates it."""
     scratch = tmp_path / "tmp"
     scratch.mkdir()
@@ -105,8 +105,7 @@ def test_ctrl_c_under_train_sh_says_how_to_continue_and_the_same_command_resumes
     while not (pause / "paused-rank0").is_file() or not (pause / "paused-rank0").read_text():
         assert run.poll() is None and time.monotonic() < deadline, "training did not reach epoch 2"
         time.sleep(0.05)
-    os.killpg(run.pid, signal.SIGINT)
-    (pause / "paused-rank0").write_text(RELEASED)
+    os.killpg(run.pid, signal.SIGINT)  # the paused run goes on once its handler has seen it
     terminal, errors = run.communicate(timeout=120)
     assert run.returncode == 130, terminal[-2000:] + errors[-2000:]
     train_out, = exp_dir.glob("train-*.out")

@@ -1,8 +1,8 @@
 """Preemption and restarts: a signal to torchrun or to one rank stops every process after the same
 iteration with a mid-epoch checkpoint of that exact point, and resuming (also in another number of
 processes, also by torchrun's --max-restarts after a SIGKILL) ends with an uninterrupted run's
-weights. Runs pause at an iteration through the test hook of util/preemption.py, so the signal lands
-at a point the test chooses, never in a race with training.
+weights. Runs pause at an iteration through the test hook of util/preemption.py and go on only once signalled
+(or released), so the signal lands at a point the test chooses, never in a race with training.
 
 All runs: 8 training images, global batch 4 (2 steps an epoch), 3 epochs, without SyncBatchNorm, so
 that one process with 2 accumulation steps computes what 2 processes compute (see test_train.py)."""
@@ -56,9 +56,10 @@ def paused_ranks(folder: Path, ranks: int, run: subprocess.Popen) -> dict[int, i
     return {rank: int(m.read_text()) for rank, m in enumerate(markers)}
 
 
-def release(folder: Path) -> None:
-    for marker in folder.glob("paused-rank*"):
-        marker.write_text(RELEASED)
+def release(folder: Path, *ranks: int) -> None:
+    """Let these paused ranks go on; a signalled rank goes on by itself (and only with its flag set)."""
+    for rank in ranks:
+        (folder / f"paused-rank{rank}").write_text(RELEASED)
 
 
 def finish(run: subprocess.Popen, cfg: Path) -> tuple[int, str]:
@@ -99,8 +100,6 @@ def test_sigterm_to_torchrun_then_sigusr1_to_one_rank_then_one_process_end_as_if
     run = start(cfg, pause=(ITERATIONS_PER_EPOCH + 1, tmp_path / "pause1"))  # epoch 2, step 1
     paused_ranks(tmp_path / "pause1", 2, run)
     run.send_signal(signal.SIGTERM)  # as SLURM or a user ends torchrun; it passes SIGTERM on
-    time.sleep(0.5)  # torchrun's monitoring loop wakes up every 0.1 s to pass it on
-    release(tmp_path / "pause1")
     status, log = finish(run, cfg)
     assert status == 1, log[-3000:]  # torchrun's own status after a SIGTERM; its workers exit 75 (below)
     where = "on SIGTERM in epoch 2/3 after step 1/2 (iteration 3)"
@@ -113,7 +112,7 @@ def test_sigterm_to_torchrun_then_sigusr1_to_one_rank_then_one_process_end_as_if
     run = start(cfg, "TRAIN.resume", "auto", pause=(2 * ITERATIONS_PER_EPOCH + 1, tmp_path / "pause2"))
     pids = paused_ranks(tmp_path / "pause2", 2, run)
     os.kill(pids[1], signal.SIGUSR1)  # one rank only: SLURM's --signal reaches the tasks one by one
-    release(tmp_path / "pause2")
+    release(tmp_path / "pause2", 0)  # rank 0 never got it
     status, log = finish(run, cfg)
     assert status == 1 and f"exitcode  : {STOPPED_STATUS}" in log, log[-3000:]  # torchrun's failure report
     assert "resumed from" in log and "train_epoch_2_step_1.pth (epoch 2, after step 1)" in log
@@ -139,7 +138,7 @@ def test_max_restarts_resumes_by_itself_after_a_sigkill(tiny_toy, tmp_path, unin
     pids = paused_ranks(tmp_path / "pause", 2, run)
     assert mid_epoch_files(tmp_path / "model") == ["train_epoch_2_step_1.pth"]
     os.kill(pids[1], signal.SIGKILL)
-    release(tmp_path / "pause")
+    release(tmp_path / "pause", 0)
     status, log = finish(run, cfg)
     assert status == 0, log[-3000:]
     assert "resumed from" in log and "train_epoch_2_step_1.pth (epoch 2, after step 1)" in log, log[-3000:]
@@ -156,7 +155,7 @@ def test_a_mid_epoch_checkpoint_is_saved_every_n_minutes_and_only_the_newest_kep
     now = [0.0]
     seen = []  # the mid-epoch files after each step, before that step's own save
 
-    def four_minutes_per_step(iteration: int, rank: int) -> None:  # train.py calls it after every step
+    def four_minutes_per_step(iteration: int, rank: int, signalled) -> None:  # train.py calls it after every step
         now[0] += 4 * 60
         seen.append(mid_epoch_files(tmp_path / "model"))
 

@@ -447,7 +447,7 @@ def train_one_epoch(cfg, info, model, loader, optimizer, scaler, epoch, first_st
                 stats.zero_()
                 data_time = batch_time = 0.0
                 logged_steps = 0
-            pause_for_test(current_iter, info.rank)
+            pause_for_test(current_iter, info.rank, lambda: stop.signum != 0)
             stopped_by, due = stop.agreed(timer.due() and step + 1 < steps)  # the epoch's end saves anyway
             if stopped_by or due:
                 check_finite(first_bad, epoch, steps, info, cfg)  # never save a diverged state

@@ -93,10 +93,11 @@ class CheckpointTimer:
         self.last = self.clock()
 
 
-def pause_for_test(iteration: int, rank: int) -> None:
+def pause_for_test(iteration: int, rank: int, signalled: Callable[[], bool]) -> None:
     """With SEMSEG_TEST_PAUSE_AT=<k>:<folder>, after iteration k write <folder>/paused-rank<r> (this
-    process's id) and wait until a test writes `go` into it: the test signals at a known iteration.
-    A released file is not paused on again (a restarted group passes it)."""
+    process's id) and wait until this process gets a stop signal or a test writes `go` into that
+    file: the test signals at a known iteration, and a signalled process never goes on without its
+    flag. A marker that exists is not paused on again (a restarted group passes it)."""
     setting = os.environ.get(PAUSE_VARIABLE)
     if not setting:
         return
@@ -106,5 +107,5 @@ def pause_for_test(iteration: int, rank: int) -> None:
         return
     marker.write_text(str(os.getpid()))
     deadline = time.monotonic() + 120
-    while marker.read_text() != RELEASED and time.monotonic() < deadline:
+    while not signalled() and marker.read_text() != RELEASED and time.monotonic() < deadline:
         time.sleep(0.01)
