@@ -193,7 +193,8 @@ def load_backbone_weights(model: nn.Module, path: str | Path, config_key: str,
         module, _, rest = key.rpartition(".")
         renamed[f"{stem_names.get(module, module) if segmentation else module}.{rest}"] = value
     model.load_state_dict(renamed, strict=False)
-    logger.info("%s: loaded all %d backbone tensors from %s (%s layout)", config_key, len(renamed), path, layout)
+    logger.info("%s: loaded %d tensors from %s (%s layout), every backbone tensor", config_key, len(renamed), path,
+                layout)
     return LoadReport(loaded=list(renamed))
 
 
