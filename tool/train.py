@@ -63,8 +63,7 @@ from util.memory import children_peak_mib  # noqa: E402
 from util.metrics import ConfusionMatrix, format_scores_table  # noqa: E402
 from util.optim import build_optimizer, optimizer_state_from_semseg, set_poly_lr  # noqa: E402
 from util.palette import read_names  # noqa: E402
-from util.preemption import (STOP_SIGNALS, CheckpointTimer, StopRequest, exit_status, pause_for_test,  # noqa: E402
-                             signal_name)
+from util.preemption import CheckpointTimer, StopRequest, exit_status, pause_for_test, signal_name  # noqa: E402
 from util.precision import autocast  # noqa: E402
 from util.transform import build_train_transform, build_val_transform  # noqa: E402
 
@@ -103,9 +102,13 @@ def make_train_loader(cfg: Config, info: DistInfo, seed: int, workers: int) -> t
 
 
 def init_train_data_worker(worker_id: int) -> None:
-    """A data worker leaves the stop signals to its training process, which ends it when it stops."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+    """A forked data worker inherits the stop handlers (util/preemption.py) of its training process.
+    Ctrl-C and SIGUSR1 are left to that process, which ends its workers when it stops; SIGTERM ends
+    a worker as before, since the DataLoader ends a stuck worker with it. (SLURM's SIGTERM at the time
+    limit reaches the workers too: tool/slurm_train.sh asks for SIGUSR1 ahead of it.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     init_data_worker(worker_id)
 
 
