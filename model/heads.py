@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.resnet import BACKBONE_MODULES, NormLayer, build_resnet
-from model.weights import load_backbone_weights
+from model.imagenet_convert import load_backbone_weights
 from util.errors import CheckpointError, ConfigError
 
 ZOOM_FACTORS = (1, 2, 4, 8)

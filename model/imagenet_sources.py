@@ -115,3 +115,18 @@ def describe_sources() -> str:
         lines += [f"{s.name} ResNet-{s.layers} ({s.layout} layout), top-1 {top1}, licence {s.licence}",
                   f"      {where}", f"      check: {check}", f"      recorded from {s.found_in}"]
     return "\n".join(lines)
+
+
+def source_depths() -> Tuple[int, ...]:
+    """The ResNet depths some source publishes, ascending: what `--layers` takes."""
+    return tuple(sorted({source.layers for source in SOURCES}))
+
+
+def fetch_command(layers: int) -> Optional[str]:
+    """The prepare_weights command that fetches ResNet-<layers>, naming the source when none of that
+    depth publishes a hash (ResNet-18: CSAIL's only); None when no source has that depth."""
+    of_depth = [source for source in SOURCES if source.layers == layers]
+    if not of_depth:
+        return None
+    pick = "" if any(source.pinned for source in of_depth) else f" --source {of_depth[0].name}"
+    return f"python tool/prepare_weights.py --layers {layers}{pick}"

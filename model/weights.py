@@ -1,9 +1,8 @@
 """Loud weight loading: every file problem or model mismatch becomes one readable message.
 
-Accepted files:
-- plain ImageNet state dicts for the deep-stem ResNet (semseg's, fc.* included) or torchvision's
-  7x7-stem ResNet; their stem keys (conv1/bn1[/conv2/bn2/conv3/bn3]) are renamed to layer0.* when
-  the target is a segmentation model;
+Accepted files (ImageNet backbones go through model/imagenet_convert.py instead):
+- plain state dicts of a classification ResNet; their stem keys (conv1/bn1[/conv2/bn2/conv3/bn3])
+  are renamed to layer0.* when the target is a segmentation model;
 - full checkpoints {'state_dict': ..., 'epoch': ..., 'optimizer': ...}, with or without the
   'module.' prefix that DataParallel/DDP add.
 
@@ -169,27 +168,6 @@ def extract_state_dict(checkpoint: Any, path: PathLike, config_key: str) -> Stat
         raise CheckpointError(f"{config_key}: {path} holds no state dict (expected a dict of tensors or "
                               f"{{'state_dict': ...}}; found {found})")
     return {key[len("module."):] if key.startswith("module.") else key: value for key, value in state.items()}
-
-
-def load_backbone_weights(model: nn.Module, path: PathLike, config_key: str,
-                          trust_pickle: bool = False) -> LoadReport:
-    """Initialise the backbone (layer0..layer4, or a classification ResNet minus fc) from a file.
-
-    Head and fc weights in the file are ignored. Missing or extra backbone tensors are logged as one
-    warning; a shape clash (another depth) or a load that leaves most backbone weights (counted in
-    elements) untouched is a CheckpointError.
-    """
-    model_state = model.state_dict()
-    state = _to_model_names(load_state_dict_file(path, config_key, trust_pickle), model_state, path, config_key)
-    targets = {key: value for key, value in model_state.items() if _is_backbone_key(key, model_state)}
-    relevant = {key: value for key, value in state.items()
-                if key in targets or (key not in model_state and not key.startswith("fc."))}
-    report = _compare(relevant, targets)
-    if report.mismatched:
-        raise CheckpointError(f"{config_key}: {path} does not fit the backbone, check TRAIN.layers against the "
-                              f"file: {report.describe()}")
-    _require_most_of_backbone(report, targets, path, config_key)
-    return _apply(model, relevant, report, path, config_key)
 
 
 def load_model_weights(model: nn.Module, path: PathLike, config_key: str, strict: bool = True,

@@ -266,7 +266,8 @@ def test_disk_filling_up_mid_run_stops_cleanly_and_resume_finishes(tiny_toy, tmp
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
     cfg = write_config(tmp_path / "cfg.yaml", tiny_toy, TRAIN={"save_path": str(mount_point / "model"),
-                                                               "keep_checkpoints": 1, "print_freq": 4})
+                                                               "keep_checkpoints": 1, "print_freq": 4,
+                                                               "checkpoint_minutes": 0})  # epoch files only
     probe = load_config(cfg)
     with torch.device("meta"):
         checkpoint_bytes = 2 * sum(p.numel() * 4 for p in build_model(probe).parameters())

@@ -13,6 +13,7 @@ from pathlib import Path
 from conftest import CPU_ONLY, REPO_ROOT
 from util.config import load_config
 from util.experiment import RESUME_COMMAND_VARIABLE, evaluation_paths, result_folder, rerun_command, resume_command
+from util.preemption import PAUSE_VARIABLE
 
 
 def tiny_overrides(toy: Path) -> list[str]:
@@ -87,27 +88,31 @@ def test_train_sh_fails_with_the_training_status_and_keeps_the_reason(tiny_toy, 
 
 
 def test_ctrl_c_under_train_sh_says_how_to_continue_and_the_same_command_resumes(tiny_toy, tmp_path):
-    """SIGINT to the whole foreground process group, as a terminal's Ctrl-C sends it, once the first
-    epoch's checkpoint exists: `interrupted` and the command to continue reach the terminal and
-    train-<time>.out, no temporary file is left, and that command finishes the run and evaluates it."""
+    """SIGINT to the whole foreground process group, as a terminal's Ctrl-C sends it, while training
+    waits after the first step of epoch 2 until it sees the signal (the test hook of
+    util/preemption.py: no race with a one-second epoch): that step is saved, `interrupted` and the command to continue reach the terminal
+    and train-<time>.out, no temporary file is left, and that command finishes the run and evaluates it."""
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     exp_dir = tmp_path / "exp" / "toy" / "pspnet18"
     args = [*tiny_overrides(tiny_toy), "TRAIN.epochs", "2"]
+    pause = tmp_path / "pause"
+    pause.mkdir()
     run = subprocess.Popen(["sh", "tool/train.sh", "toy", "pspnet18", *args], cwd=REPO_ROOT, text=True,
-                           env=launcher_env(tmp_path / "exp", TMPDIR=str(scratch)), start_new_session=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not (exp_dir / "model" / "train_epoch_1.pth").exists() and run.poll() is None:
-        assert time.monotonic() < deadline, "no checkpoint after 120 s"
+                           env=launcher_env(tmp_path / "exp", TMPDIR=str(scratch), **{PAUSE_VARIABLE: f"5:{pause}"}),
+                           start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not (pause / "paused-rank0").is_file() or not (pause / "paused-rank0").read_text():
+        assert run.poll() is None and time.monotonic() < deadline, "training did not reach epoch 2"
         time.sleep(0.05)
-    os.killpg(run.pid, signal.SIGINT)
+    os.killpg(run.pid, signal.SIGINT)  # the paused run goes on once its handler has seen it
     terminal, errors = run.communicate(timeout=120)
     assert run.returncode == 130, terminal[-2000:] + errors[-2000:]
     train_out, = exp_dir.glob("train-*.out")
     last = terminal.strip().splitlines()[-1]
     assert last == train_out.read_text().strip().splitlines()[-1]
-    assert last.startswith("interrupted; ") and "holds epoch" in last and "to continue from it, run: " in last
+    assert last.startswith(f"interrupted; {exp_dir / 'model' / 'train_epoch_2_step_1.pth'} holds epoch 1 of 2 and "
+                           f"step 1 of epoch 2; to continue from it, run: "), last
     assert not list(scratch.glob("tmp.*"))  # no mktemp file left behind (torch keeps its own caches there)
     assert not list(exp_dir.glob("test-*.out"))
 
@@ -117,7 +122,8 @@ def test_ctrl_c_under_train_sh_says_how_to_continue_and_the_same_command_resumes
     resumed = subprocess.run(["sh", "-c", command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                              env={**os.environ, **CPU_ONLY, "OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stdout and "previous-" not in resumed.stdout
+    assert "resumed from" in resumed.stdout and "(epoch 2, after step 1)" in resumed.stdout
+    assert "previous-" not in resumed.stdout
     assert json.loads((exp_dir / "result" / "epoch_2" / "val" / "ss" / "metrics.json").read_text())["images"] == 8
 
 

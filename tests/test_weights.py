@@ -10,7 +10,8 @@ import torch
 
 from model.pspnet import PSPNet
 from model.resnet import resnet18, resnet50
-from model.weights import load_backbone_weights, load_checkpoint, load_model_weights, load_state_dict_file
+from model.imagenet_convert import load_backbone_weights
+from model.weights import load_checkpoint, load_model_weights, load_state_dict_file
 from util.errors import CheckpointError
 
 DEEP_STEM_PAIRS = [("conv1", "layer0.0"), ("bn1", "layer0.1"), ("conv2", "layer0.3"),
@@ -215,50 +216,51 @@ def test_a_checkpoint_without_a_state_dict_is_named(tmp_path):
         load_state_dict_file(listing, "TRAIN.weight")
 
 
-def test_mostly_missing_backbone_is_an_error(tmp_path):
+def backbone_error(path, model=None) -> str:
+    """The one line a backbone file that does not fit stops with."""
+    with pytest.raises(CheckpointError) as error:
+        load_backbone_weights(model or PSPNet(layers=18, classes=3), path, "TRAIN.pretrained_backbone")
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+def test_a_partial_backbone_is_an_error_naming_missing_keys_and_counts(tmp_path):
     stem_and_layer1 = {k: v for k, v in resnet18().state_dict().items()
                        if not k.startswith(("layer2", "layer3", "layer4"))}
     path = tmp_path / "stem_only.pth"
     torch.save(stem_and_layer1, path)
-    with pytest.raises(CheckpointError) as error:
-        load_backbone_weights(PSPNet(layers=18, classes=3), path, "TRAIN.pretrained_backbone")
-    message = str(error.value)
-    assert message.startswith(f"TRAIN.pretrained_backbone: {path} would leave most of the backbone uninitialised")
-    assert "missing from the file (" in message and "layer2.0.conv1.weight" in message
+    message = backbone_error(path)
+    assert message.startswith(f"TRAIN.pretrained_backbone: {path} does not fit the backbone after conversion from "
+                              f"the semseg layout: 75 missing (layer2.0.conv1.weight, ")
+    assert "likely cause: it holds a ResNet of no standard depth" in message
 
 
 def test_backbone_of_another_depth_is_an_error(tmp_path):
     path = tmp_path / "resnet50.pth"
     torch.save(resnet50().state_dict(), path)
-    with pytest.raises(CheckpointError) as error:
-        load_backbone_weights(PSPNet(layers=18, classes=3), path, "TRAIN.pretrained_backbone")
-    message = str(error.value)
-    assert "does not fit the backbone, check TRAIN.layers" in message
-    assert "layer1.0.conv1.weight (file 64x128x1x1, model 64x128x3x3)" in message
+    message = backbone_error(path)
+    assert "extra (layer1.0.conv3.weight, " in message
+    assert "layer1.0.conv1.weight (file (64, 128, 1, 1), model (64, 128, 3, 3))" in message
+    assert message.endswith("likely cause: it holds ResNet-50 (semseg layout), not the ResNet-18 asked for with "
+                            "TRAIN.layers 18")
 
 
 def test_stem_kind_mismatch_points_at_deep_stem(tmp_path):
     path = tmp_path / "tv.pth"
     torch.save(resnet18(deep_stem=False).state_dict(), path)
-    with pytest.raises(CheckpointError, match="has a 7x7 stem but the model has a deep 3x3 stem; set TRAIN.deep_stem"):
-        load_backbone_weights(PSPNet(layers=18, classes=3), path, "TRAIN.pretrained_backbone")
+    assert "likely cause: it has a 7x7 stem but the model has a deep 3x3 stem; set TRAIN.deep_stem to False" in \
+        backbone_error(path)
 
 
-def test_a_few_missing_backbone_keys_are_one_warning(tmp_path, caplog):
+def test_a_few_missing_or_extra_backbone_keys_stop_the_run(tmp_path):
+    """Every backbone tensor comes from the file: two missing BN vectors are as fatal as a missing layer."""
     imagenet = resnet18().state_dict()
-    dropped = ["layer4.1.bn2.weight", "layer4.1.bn2.bias"]
-    for key in dropped:
-        del imagenet[key]
+    del imagenet["layer4.1.bn2.weight"], imagenet["layer4.1.bn2.bias"]
     imagenet["layer5.0.conv1.weight"] = torch.zeros(1)
     path = tmp_path / "partial.pth"
     torch.save(imagenet, path)
-    with caplog.at_level(logging.WARNING, logger="model.weights"):
-        report = load_backbone_weights(PSPNet(layers=18, classes=3), path, "TRAIN.pretrained_backbone")
-    assert report.missing == dropped and report.unexpected == ["layer5.0.conv1.weight"]
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1
-    assert "missing from the file (2): layer4.1.bn2.weight, layer4.1.bn2.bias" in warnings[0]
-    assert "not in the model (1): layer5.0.conv1.weight" in warnings[0]
+    message = backbone_error(path)
+    assert "2 missing (layer4.1.bn2.weight, layer4.1.bn2.bias); 1 extra (layer5.0.conv1.weight)" in message
 
 
 def test_strict_full_load_reports_missing_keys_and_lenient_load_warns(tmp_path, caplog):

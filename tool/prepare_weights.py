@@ -26,8 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.imagenet_convert import convert_imagenet_weights, read_weight_file, zip_member  # noqa: E402
-from model.imagenet_sources import (SOURCE_NAMES, SOURCES, Source, describe_sources, source_of_file,  # noqa: E402
-                                    sources_for)
+from model.imagenet_sources import (SOURCE_NAMES, SOURCES, Source, describe_sources, source_depths,  # noqa: E402
+                                    source_of_file, sources_for)
 from model.weights import REPO_ROOT, SEMSEG_IMAGENET_FILE  # noqa: E402
 from util.checkpoint import atomic_save, check_writable  # noqa: E402
 from util.cli import run_main, setup_logging  # noqa: E402
@@ -41,7 +41,7 @@ NETWORK_TIMEOUT_S = 60  # a stalled connection fails, so the next source gets it
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, choices=(18, 50, 101, 152), help="ResNet depth (TRAIN.layers)")
+    parser.add_argument("--layers", type=int, choices=source_depths(), help="ResNet depth (TRAIN.layers)")
     parser.add_argument("--list", action="store_true", help="print the known sources and exit")
     parser.add_argument("--from-file", type=Path, metavar="F",
                         help="a file downloaded by hand (.pth, .safetensors or Encoding .zip), any known layout")

@@ -7,6 +7,11 @@
 CUDA is used when available, else the CPU, with no config edit. A plain `python tool/train.py` on
 a multi-GPU node spawns one process per GPU in TRAIN.train_gpu, as semseg did.
 TRAIN.batch_size is the global batch: split across processes and TRAIN.accum_steps micro-batches.
+
+SIGTERM or SIGUSR1 (SLURM's time limit or preemption, torchrun passing either on) to any process:
+every process finishes its iteration, rank 0 saves that point (train_epoch_<e>_step_<s>.pth) and
+all exit with status 75; Ctrl-C does the same with status 130 (util/preemption.py). The same
+command with TRAIN.resume auto continues exactly where it stopped.
 """
 from __future__ import annotations
 
@@ -15,9 +20,11 @@ import contextlib
 import logging
 import os
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,25 +42,28 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from lib.sync_bn import convert_sync_batchnorm  # noqa: E402
 from model import build_model  # noqa: E402
-from model.weights import (imagenet_weights_path, load_backbone_weights, load_checkpoint, load_model_state,  # noqa: E402
-                           load_model_weights)
+from model.imagenet_convert import load_backbone_weights  # noqa: E402
+from model.imagenet_sources import fetch_command, source_depths  # noqa: E402
+from model.weights import imagenet_weights_path, load_checkpoint, load_model_state, load_model_weights  # noqa: E402
 from util.checkpoint import (BEST_FILE, archive_previous_run, atomic_save, check_writable,  # noqa: E402
-                             checkpoints_to_come, epoch_checkpoints, prune_checkpoints, remove_stale_temporaries,
-                             resolve_resume, rng_state, set_rng_state, training_checkpoint_kind, with_module_prefix)
+                             checkpoints_to_come, epoch_checkpoints, mid_epoch_file, prune_checkpoints,
+                             prune_mid_epoch, remove_stale_temporaries, resolve_resume, rng_state, set_rng_state,
+                             training_checkpoint_kind, training_checkpoints, with_module_prefix)
 from util.cli import Progress, run_main, setup_logging  # noqa: E402
 from util.config import (NO_FILE, Config, add_config_arguments, describe_schema, load_config,  # noqa: E402
                          parse_config_args)
 from util.dataset import dataset_from_config  # noqa: E402
-from util.distributed import (DistInfo, GlobalBatchSampler, broadcast_object, cleanup_distributed,  # noqa: E402
-                              default_workers, detect_launch, init_distributed, local_world_size, shard_indices,
-                              visible_devices)
-from util.errors import ConfigError, UserError  # noqa: E402
+from util.distributed import (RESTART_VARIABLE, DistInfo, GlobalBatchSampler, broadcast_object,  # noqa: E402
+                              cleanup_distributed, default_workers, detect_launch, init_distributed, local_world_size,
+                              shard_indices, visible_devices)
+from util.errors import ConfigError, RunStopped, UserError  # noqa: E402
 from util.experiment import RESUME_COMMAND_VARIABLE, resume_command  # noqa: E402
 from util.loss import count_valid, label_at_output_size, segmentation_loss  # noqa: E402
 from util.memory import children_peak_mib  # noqa: E402
 from util.metrics import ConfusionMatrix, format_scores_table  # noqa: E402
 from util.optim import build_optimizer, optimizer_state_from_semseg, set_poly_lr  # noqa: E402
 from util.palette import read_names  # noqa: E402
+from util.preemption import CheckpointTimer, StopRequest, exit_status, pause_for_test, signal_name  # noqa: E402
 from util.precision import autocast  # noqa: E402
 from util.transform import build_train_transform, build_val_transform  # noqa: E402
 
@@ -86,9 +96,20 @@ def make_train_loader(cfg: Config, info: DistInfo, seed: int, workers: int) -> t
                           f"{cfg.train_list}: {e}") from None
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                         pin_memory=info.device.type == "cuda", persistent_workers=workers > 0,
-                        prefetch_factor=4 if workers > 0 else None, worker_init_fn=init_data_worker,
+                        prefetch_factor=4 if workers > 0 else None, worker_init_fn=init_train_data_worker,
                         generator=torch.Generator().manual_seed(seed))  # keeps the global RNG untouched
     return loader, sampler
+
+
+def init_train_data_worker(worker_id: int) -> None:
+    """A forked data worker inherits the stop handlers (util/preemption.py) of its training process.
+    Ctrl-C and SIGUSR1 are left to that process, which ends its workers when it stops; SIGTERM ends
+    a worker as before, since the DataLoader ends a stuck worker with it. (SLURM's SIGTERM at the time
+    limit reaches the workers too: tool/slurm_train.sh asks for SIGUSR1 ahead of it.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    init_data_worker(worker_id)
 
 
 def make_val_loader(cfg: Config, info: DistInfo, workers: int) -> DataLoader:
@@ -114,8 +135,14 @@ def imagenet_start(cfg: Config) -> Path | None:
     else:
         what = (f"TRAIN.pretrained_backbone is not set, so the backbone starts from semseg's ImageNet weights, the "
                 f"deep-stem ResNet-{cfg.layers} file that semseg's PSPNet/PSANet load by default:")
-    fetch = (f"python tool/prepare_weights.py --layers {cfg.layers} fetches it" if not cfg.pretrained_backbone
-             else f"python tool/prepare_weights.py --layers {cfg.layers} --output {path} writes it")
+    command = fetch_command(cfg.layers)
+    if command is None:
+        fetch = (f"no public source has ImageNet weights for ResNet-{cfg.layers} (prepare_weights fetches "
+                 f"ResNet-{', -'.join(map(str, source_depths()))}); train one of those depths with TRAIN.layers")
+    elif cfg.pretrained_backbone:
+        fetch = f"{command} --output {path} writes it"
+    else:
+        fetch = f"{command} fetches it"
     raise ConfigError(f"{what} {path} not found; {fetch}, or put the file there, set TRAIN.pretrained_backbone to "
                       f"its path, or set TRAIN.pretrained_backbone {NO_FILE} to train from random weights")
 
@@ -154,12 +181,27 @@ def validate(model: torch.nn.Module, loader: DataLoader, cfg: Config, info: Dist
     return matrix.compute()
 
 
-def save_checkpoint(cfg: Config, epoch: int, iteration: int, net, optimizer, scaler, best_miou: float,
-                    is_best: bool, epoch_file: bool) -> list[Path]:
+def training_state(cfg: Config, epochs_done: int, step: int, steps: int, net, optimizer, scaler,
+                   best_miou: float) -> dict:
+    """Everything a run needs to go on from `step` global steps into epoch epochs_done + 1 (semseg's
+    'epoch', 'state_dict', 'optimizer' first; the sampler position is epochs_done and step)."""
+    return {"epoch": epochs_done, "state_dict": with_module_prefix(net.state_dict()),
+            "optimizer": optimizer.state_dict(), "iteration": epochs_done * steps + step, "epoch_step": step,
+            "steps_per_epoch": steps, "scaler": scaler.state_dict(), "best_miou": best_miou, "rng": rng_state(),
+            "config": cfg.to_dict()}
+
+
+def save_mid_epoch(cfg: Config, state: dict) -> Path:
+    """The mid-epoch checkpoint of `state`; the older one is deleted once this one is complete."""
+    path = mid_epoch_file(cfg.save_path, state["epoch"], state["epoch_step"])
+    atomic_save(state, path)
+    prune_mid_epoch(cfg.save_path, path)
+    return path
+
+
+def save_checkpoint(cfg: Config, state: dict, is_best: bool, epoch_file: bool) -> list[Path]:
     """best.pth when this epoch is the best so far (whatever save_freq says), the epoch file when due."""
-    state = {"epoch": epoch, "iteration": iteration, "state_dict": with_module_prefix(net.state_dict()),
-             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "best_miou": best_miou,
-             "rng": rng_state(), "config": cfg.to_dict()}
+    epoch = state["epoch"]
     written = []
     if is_best:  # before the epoch file: a crash in between then redoes this epoch and rewrites best.pth
         written.append(Path(cfg.save_path) / BEST_FILE)
@@ -171,7 +213,9 @@ def save_checkpoint(cfg: Config, epoch: int, iteration: int, net, optimizer, sca
     return written
 
 
-def train_worker(cfg: Config, imagenet: Path | None) -> None:
+def train_worker(cfg: Config, imagenet: Path | None, clock: Callable[[], float] = time.monotonic) -> None:
+    """One process of the run. `clock` times the mid-epoch checkpoints (TRAIN.checkpoint_minutes); a test
+    passes one it sets."""
     info = init_distributed(cfg.dist_backend, cfg.dist_timeout)
     save_path = Path(cfg.save_path)
     if info.is_main:
@@ -185,6 +229,7 @@ def train_worker(cfg: Config, imagenet: Path | None) -> None:
         for stale in remove_stale_temporaries(save_path):
             logger.info("removed %s, an unfinished checkpoint of an interrupted run", stale.name)
 
+    stop = StopRequest().install(info.distributed)  # before any long work: no signal goes unhandled
     seed = cfg.manual_seed
     if seed is None:  # one random seed shared by all processes, logged so the run can be repeated
         seed = broadcast_object(int(torch.randint(0, 2**31 - 1, ()).item()))
@@ -199,12 +244,13 @@ def train_worker(cfg: Config, imagenet: Path | None) -> None:
     param_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
     if info.is_main:  # a checkpoint holds the model and its momentum
         check_writable(save_path, "TRAIN.save_path",
-                       need_bytes=2 * param_bytes * checkpoints_to_come(save_path, cfg.keep_checkpoints))
+                       need_bytes=2 * param_bytes * checkpoints_to_come(save_path, cfg.keep_checkpoints,
+                                                                         mid_epoch=cfg.checkpoint_minutes > 0))
 
-    start_epoch, best_miou = cfg.start_epoch, -1.0
+    start_epoch, start_step, best_miou = cfg.start_epoch, 0, -1.0
     resume_path = resolve_resume(cfg.resume, save_path)
     if resume_path is not None:
-        start_epoch, best_miou = resume_training(resume_path, cfg, net, optimizer, scaler)
+        start_epoch, start_step, best_miou = resume_training(resume_path, cfg, net, optimizer, scaler)
     else:
         if imagenet is None and not cfg.weight:
             logger.warning("TRAIN.pretrained_backbone %s: the backbone starts from random weights, not from "
@@ -230,22 +276,39 @@ def train_worker(cfg: Config, imagenet: Path | None) -> None:
     train_loader, sampler = make_train_loader(cfg, info, seed, workers)
     val_loader = make_val_loader(cfg, info, workers) if cfg.evaluate else None
     steps = sampler.steps_per_epoch
+    if start_step > steps:
+        raise ConfigError(f"TRAIN.resume: {resume_path} stopped at step {start_step} of an epoch, but this run has "
+                          f"{steps} steps per epoch; resume with the batch size and list it was saved with")
     max_iter = cfg.epochs * steps
     logger.info("global batch %d = %d process(es) x %d accumulation step(s) x %d; %d steps/epoch, %d epochs; "
                 "%d data workers and %d CPU threads per process", cfg.batch_size, info.world_size, cfg.accum_steps,
                 sampler.micro_batch_size, steps, cfg.epochs, workers, threads)
     writer = SummaryWriter(str(save_path)) if info.is_main else None
 
-    progress = Progress(max_iter, start=start_epoch * steps)
+    progress = Progress(max_iter, start=start_epoch * steps + start_step)
+    timer = CheckpointTimer(cfg.checkpoint_minutes, clock)
     scores = None
+
+    def save_position(epochs_done: int, step: int) -> None:
+        """Rank 0 saves the point `step` global steps into epoch epochs_done + 1."""
+        if info.is_main:
+            state = training_state(cfg, epochs_done, step, steps, net, optimizer, scaler, best_miou)
+            logger.info("saved %s", save_mid_epoch(cfg, state))
+        timer.restart()
+
     with say_how_to_continue(cfg, info):  # once epochs run, an interrupt or a failure names the way on
         for epoch in range(start_epoch, cfg.epochs):
-            sampler.set_epoch(epoch)
+            first_step = start_step if epoch == start_epoch else 0
+            sampler.set_epoch(epoch, first_step)
             model.train()
             epoch_start = time.perf_counter()
-            wait, train_scores = train_one_epoch(cfg, info, model, train_loader, optimizer, scaler, epoch, steps,
-                                                 max_iter, progress, writer)
-            log_epoch_speed(epoch, steps * cfg.batch_size, time.perf_counter() - epoch_start, wait, info.device)
+            wait, train_scores, stopped = train_one_epoch(cfg, info, model, train_loader, optimizer, scaler, epoch,
+                                                          first_step, steps, max_iter, progress, writer,
+                                                          stop, timer, save_position)
+            if stopped is not None:
+                stop_here(cfg, info, *stopped, epoch, steps)
+            log_epoch_speed(epoch, (steps - first_step) * cfg.batch_size, time.perf_counter() - epoch_start, wait,
+                            info.device)
             log_scores("training", "train", train_scores, epoch, cfg, writer)
             is_best = False
             if val_loader is not None:
@@ -255,11 +318,15 @@ def train_worker(cfg: Config, imagenet: Path | None) -> None:
                 log_scores("validation", "val", scores, epoch, cfg, writer)
             epoch_file = (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs
             if info.is_main and (epoch_file or is_best):
-                for path in save_checkpoint(cfg, epoch + 1, (epoch + 1) * steps, net, optimizer, scaler, best_miou,
-                                            is_best, epoch_file):
+                state = training_state(cfg, epoch + 1, 0, steps, net, optimizer, scaler, best_miou)
+                for path in save_checkpoint(cfg, state, is_best, epoch_file):
                     logger.info("saved %s", path)
+            timer.restart()
             if info.distributed:
                 dist.barrier()  # no process starts the next epoch before the checkpoint is complete
+        late, _ = stop.agreed()  # asked during the last validation, or an interrupt a finaliser swallowed
+        if late:
+            stop_here(cfg, info, late, steps, cfg.epochs - 1, steps)
     if scores is not None:
         names = read_names(cfg.names_path, cfg.classes) if cfg.names_path else None
         logger.info("final validation:\n%s", format_scores_table(scores, names))
@@ -269,9 +336,10 @@ def train_worker(cfg: Config, imagenet: Path | None) -> None:
     cleanup_distributed()
 
 
-def resume_training(path: Path, cfg: Config, net, optimizer, scaler) -> tuple[int, float]:
-    """Load a checkpoint of tool/train.py, or semseg's {'epoch', 'state_dict', 'optimizer'}, into the
-    model, optimizer and scaler; returns (epochs done, best mIoU so far)."""
+def resume_training(path: Path, cfg: Config, net, optimizer, scaler) -> tuple[int, int, float]:
+    """Load a checkpoint of tool/train.py (epoch end or mid-epoch), or semseg's {'epoch', 'state_dict',
+    'optimizer'}, into the model, optimizer and scaler; returns (epochs done, global steps done of the
+    next epoch, best mIoU so far)."""
     ckpt = load_checkpoint(path, "TRAIN.resume", cfg.trust_pickle)
     kind = training_checkpoint_kind(ckpt, path)
     load_model_state(net, ckpt, path, "TRAIN.resume")
@@ -280,15 +348,17 @@ def resume_training(path: Path, cfg: Config, net, optimizer, scaler) -> tuple[in
         logger.info("resumed from %s, a semseg training checkpoint (epoch %d done): model, momentum and epoch "
                     "carried over; the RNG, grad scaler and best mIoU, which semseg did not save, start fresh",
                     path, ckpt["epoch"])
-        return ckpt["epoch"], -1.0
+        return ckpt["epoch"], 0, -1.0
     optimizer.load_state_dict(ckpt["optimizer"])
     if scaler.is_enabled() and ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
     elif scaler.is_enabled():
         logger.info("%s was saved without fp16 AMP: the grad scaler starts fresh", path)
     set_rng_state(ckpt["rng"])
-    logger.info("resumed from %s (epoch %d done)", path, ckpt["epoch"])
-    return ckpt["epoch"], ckpt["best_miou"]
+    step = ckpt.get("epoch_step", 0)  # absent from epoch-end files of earlier versions
+    where = f"epoch {ckpt['epoch'] + 1}, after step {step}" if step else f"epoch {ckpt['epoch']} done"
+    logger.info("resumed from %s (%s)", path, where)
+    return ckpt["epoch"], step, ckpt["best_miou"]
 
 
 def log_epoch_speed(epoch: int, images: int, seconds: float, data_wait: float, device: torch.device) -> None:
@@ -310,10 +380,14 @@ def log_scores(what: str, tag: str, scores, epoch: int, cfg: Config, writer) -> 
             writer.add_scalar(f"{name}_{tag}", value, epoch + 1)
 
 
-def train_one_epoch(cfg, info, model, loader, optimizer, scaler, epoch, steps, max_iter, progress, writer):
-    """One pass over the global batches; host-device syncs only at print_freq (fp16's grad scaler
-    also checks for inf gradients every step). Returns (seconds spent waiting for data, the scores
-    of the training predictions over the epoch, as semseg reports them)."""
+def train_one_epoch(cfg, info, model, loader, optimizer, scaler, epoch, first_step, steps, max_iter, progress, writer,
+                    stop, timer, save_position):
+    """One pass over the global batches from first_step; host-device syncs only at print_freq (fp16's
+    grad scaler also checks for inf gradients every step). After every step the processes agree on
+    whether to stop (util/preemption.py) and, when a stop or the mid-epoch checkpoint timer says so,
+    save_position saves that point. Returns (seconds spent waiting for data, the scores of the
+    training predictions over the epoch, as semseg reports them, and (the agreed stop signal, the
+    step it stopped after) or None)."""
     device = info.device
     stats = torch.zeros(4, device=device, dtype=torch.float64)  # main loss, aux loss, correct px, valid px
     matrix = ConfusionMatrix(cfg.classes, cfg.ignore_label, device)
@@ -322,61 +396,72 @@ def train_one_epoch(cfg, info, model, loader, optimizer, scaler, epoch, steps, m
     logged_steps = 0
     batches = iter(loader)
     end = time.perf_counter()
-    for step in range(steps):
-        micro = [next(batches) for _ in range(cfg.accum_steps)]
-        waited = time.perf_counter() - end
-        data_time += waited
-        total_wait += waited
-        images = [m[0].to(device, non_blocking=True) for m in micro]
-        labels = [label_at_output_size(m[1].to(device, non_blocking=True), cfg.zoom_factor) for m in micro]
-        if cfg.channels_last:
-            images = [x.contiguous(memory_format=torch.channels_last) for x in images]
-        valid = count_valid(labels, cfg.ignore_label).to(torch.float32)
-        if info.distributed:
-            dist.all_reduce(valid)
-        normaliser = valid.clamp(min=1) / info.world_size  # DDP averages gradients over processes
-        for k, (image, label) in enumerate(zip(images, labels)):
-            sync = k == len(images) - 1 or not info.distributed
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast(cfg.amp, device):
-                main, aux = model(image, return_aux=True)
-                loss, main_loss, aux_loss = segmentation_loss(main, aux, label, cfg.aux_weight, cfg.ignore_label,
-                                                              normaliser)
-            scaler.scale(loss).backward()
-            with torch.no_grad():
-                mask = label != cfg.ignore_label
-                pred = main.argmax(1)
-                stats += torch.stack([main_loss.detach().double(), aux_loss.detach().double(),
-                                      ((pred == label) & mask).sum().double(), mask.sum().double()])
-                matrix.update(pred, label)
-                bad = ~torch.isfinite(loss.detach())
-                first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        current_iter = epoch * steps + step + 1
-        lr = set_poly_lr(optimizer, cfg.base_lr, current_iter, max_iter, cfg.power)
-        batch_time += time.perf_counter() - end
-        logged_steps += 1
-        if (step + 1) % cfg.print_freq == 0 or step + 1 == steps:
-            check_finite(first_bad, epoch, steps, info, cfg)
+    stop.deferring = True  # a Ctrl-C now waits for the end of its iteration, which is then saved
+    try:
+        for step in range(first_step, steps):
+            micro = [next(batches) for _ in range(cfg.accum_steps)]
+            waited = time.perf_counter() - end
+            data_time += waited
+            total_wait += waited
+            images = [m[0].to(device, non_blocking=True) for m in micro]
+            labels = [label_at_output_size(m[1].to(device, non_blocking=True), cfg.zoom_factor) for m in micro]
+            if cfg.channels_last:
+                images = [x.contiguous(memory_format=torch.channels_last) for x in images]
+            valid = count_valid(labels, cfg.ignore_label).to(torch.float32)
             if info.distributed:
-                dist.all_reduce(stats)
-            loss_main, loss_aux, correct, total = stats.tolist()
-            n = logged_steps * info.world_size  # each process's losses carry a factor world_size
-            logger.info("epoch [%d/%d] step [%d/%d] main loss %.4f aux loss %.4f pixel acc %.4f lr %.6f "
-                        "data %.3fs batch %.3fs (%s)", epoch + 1, cfg.epochs, step + 1, steps,
-                        loss_main / n, loss_aux / n, correct / max(total, 1),
-                        lr, data_time / logged_steps, batch_time / logged_steps, progress.line(current_iter))
-            if writer is not None:
-                writer.add_scalar("loss_train_batch", loss_main / n, current_iter)  # semseg's per-iteration tags
-                writer.add_scalar("allAcc_train_batch", correct / max(total, 1), current_iter)
-                writer.add_scalar("lr", lr, current_iter)
-            stats.zero_()
-            data_time = batch_time = 0.0
-            logged_steps = 0
-        end = time.perf_counter()
+                dist.all_reduce(valid)
+            normaliser = valid.clamp(min=1) / info.world_size  # DDP averages gradients over processes
+            for k, (image, label) in enumerate(zip(images, labels)):
+                sync = k == len(images) - 1 or not info.distributed
+                with (contextlib.nullcontext() if sync else model.no_sync()), autocast(cfg.amp, device):
+                    main, aux = model(image, return_aux=True)
+                    loss, main_loss, aux_loss = segmentation_loss(main, aux, label, cfg.aux_weight,
+                                                                  cfg.ignore_label, normaliser)
+                scaler.scale(loss).backward()
+                with torch.no_grad():
+                    mask = label != cfg.ignore_label
+                    pred = main.argmax(1)
+                    stats += torch.stack([main_loss.detach().double(), aux_loss.detach().double(),
+                                          ((pred == label) & mask).sum().double(), mask.sum().double()])
+                    matrix.update(pred, label)
+                    bad = ~torch.isfinite(loss.detach())
+                    first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            current_iter = epoch * steps + step + 1
+            lr = set_poly_lr(optimizer, cfg.base_lr, current_iter, max_iter, cfg.power)
+            batch_time += time.perf_counter() - end
+            logged_steps += 1
+            if (step + 1) % cfg.print_freq == 0 or step + 1 == steps:
+                check_finite(first_bad, epoch, steps, info, cfg)
+                if info.distributed:
+                    dist.all_reduce(stats)
+                loss_main, loss_aux, correct, total = stats.tolist()
+                n = logged_steps * info.world_size  # each process's losses carry a factor world_size
+                logger.info("epoch [%d/%d] step [%d/%d] main loss %.4f aux loss %.4f pixel acc %.4f lr %.6f "
+                            "data %.3fs batch %.3fs (%s)", epoch + 1, cfg.epochs, step + 1, steps,
+                            loss_main / n, loss_aux / n, correct / max(total, 1),
+                            lr, data_time / logged_steps, batch_time / logged_steps, progress.line(current_iter))
+                if writer is not None:
+                    writer.add_scalar("loss_train_batch", loss_main / n, current_iter)  # semseg's per-iteration tags
+                    writer.add_scalar("allAcc_train_batch", correct / max(total, 1), current_iter)
+                    writer.add_scalar("lr", lr, current_iter)
+                stats.zero_()
+                data_time = batch_time = 0.0
+                logged_steps = 0
+            pause_for_test(current_iter, info.rank, lambda: stop.signum != 0)
+            stopped_by, due = stop.agreed(timer.due() and step + 1 < steps)  # the epoch's end saves anyway
+            if stopped_by or due:
+                check_finite(first_bad, epoch, steps, info, cfg)  # never save a diverged state
+                save_position(epoch, step + 1)
+            if stopped_by:
+                return total_wait, None, (stopped_by, step + 1)
+            end = time.perf_counter()
+    finally:
+        stop.deferring = False
     matrix.reduce()
-    return total_wait, matrix.compute()
+    return total_wait, matrix.compute(), None
 
 
 def check_finite(first_bad: torch.Tensor, epoch: int, steps: int, info: DistInfo, cfg: Config) -> None:
@@ -398,6 +483,20 @@ def check_finite(first_bad: torch.Tensor, epoch: int, steps: int, info: DistInfo
             f"TRAIN.resume auto")
 
 
+def stop_here(cfg: Config, info: DistInfo, signum: int, step: int, epoch: int, steps: int) -> None:
+    """End every process after an agreed stop, once rank 0 has saved: Ctrl-C as an interrupt (130),
+    SIGTERM / SIGUSR1 as RunStopped (75); rank 0's message holds the command that continues."""
+    if info.distributed:
+        dist.barrier()  # the checkpoint is complete before any process exits
+    where = (f"on {signal_name(signum)} in epoch {epoch + 1}/{cfg.epochs} after step {step}/{steps} "
+             f"(iteration {epoch * steps + step})")
+    hint = continue_hint(cfg) if info.is_main else None
+    logger.warning("stopped %s%s", where, f"; {hint}" if hint else "")
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt(hint or "")
+    raise RunStopped(f"{where}; {hint}" if hint else where, exit_status(signum))
+
+
 @contextlib.contextmanager
 def say_how_to_continue(cfg: Config, info: DistInfo):
     """When the epochs inside are interrupted, or fail after a checkpoint exists, name the newest
@@ -405,11 +504,13 @@ def say_how_to_continue(cfg: Config, info: DistInfo):
     before the error line. Rank 0 only."""
     try:
         yield
-    except KeyboardInterrupt:
-        hint = continue_hint(cfg) if info.is_main else None
+    except KeyboardInterrupt as interrupt:
+        hint = continue_hint(cfg) if info.is_main and not str(interrupt) else None
         if hint is None:
             raise
         raise KeyboardInterrupt(hint) from None
+    except RunStopped:  # says it already
+        raise
     except Exception:
         hint = continue_hint(cfg) if info.is_main else None
         if hint is not None:
@@ -420,14 +521,15 @@ def say_how_to_continue(cfg: Config, info: DistInfo):
 def continue_hint(cfg: Config) -> str | None:
     """The newest checkpoint and the command that continues from it; None before the first one."""
     try:
-        saved = epoch_checkpoints(cfg.save_path)
+        saved = training_checkpoints(cfg.save_path)
     except OSError:  # say nothing rather than hide the error being reported
         return None
     if not saved:
         return None
-    epoch, path = saved[-1]
+    (epoch, step), path = saved[-1]
+    where = f"epoch {epoch} of {cfg.epochs}" + (f" and step {step} of epoch {epoch + 1}" if step else "")
     command = resume_command(sys.argv, os.environ, detect_launch(os.environ).launcher)
-    return f"{path} holds epoch {epoch} of {cfg.epochs}; to continue from it, run: {command}"
+    return f"{path} holds {where}; to continue from it, run: {command}"
 
 
 def spawn_worker(local_rank: int, cfg: Config, gpus: int, imagenet: Path | None) -> None:
@@ -442,6 +544,8 @@ def spawn_worker(local_rank: int, cfg: Config, gpus: int, imagenet: Path | None)
 def main() -> None:
     args = parse_args()
     cfg = load_config(args.config, args.opts)
+    if not cfg.resume and int(os.environ.get(RESTART_VARIABLE, "0")) > 0:
+        cfg.resume = "auto"  # a group that torchrun --max-restarts restarts goes on; starting over would archive it
     imagenet = imagenet_start(cfg)
     launched = detect_launch(os.environ).launcher != "single"
     if not launched and cfg.train_gpu:  # before any CUDA call, so that this launch sees only these GPUs

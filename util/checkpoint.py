@@ -3,7 +3,10 @@
 Layout (semseg's, extended): save_path/train_epoch_<n>.pth holding {'epoch', 'state_dict' (keys
 with the 'module.' prefix, as semseg saved them), 'optimizer', 'scaler', 'iteration',
 'best_miou', 'rng', 'config'}, so semseg's test.py loads our files (and TRAIN.resume takes
-semseg's); save_path/best.pth is the checkpoint with the best validation mIoU. A file is written to
+semseg's); save_path/best.pth is the checkpoint with the best validation mIoU.
+save_path/train_epoch_<e>_step_<s>.pth is a mid-epoch checkpoint (epoch e, 1-based as the log
+counts it, after its step s; 'epoch' then holds the epochs done and 'epoch_step' s): written on a
+stop request or every TRAIN.checkpoint_minutes, only the newest one is kept. A file is written to
 a hidden temporary name, flushed to disk and renamed, so a crash or a full disk never leaves a
 truncated file under a final name, and `resume auto` only ever sees complete files.
 """
@@ -23,6 +26,7 @@ from util.errors import CheckpointError, UserError
 
 logger = logging.getLogger(__name__)
 EPOCH_FILE = re.compile(r"^train_epoch_(\d+)\.pth$")
+MID_EPOCH_FILE = re.compile(r"^train_epoch_(\d+)_step_(\d+)\.pth$")
 TEMPORARY_FILE = re.compile(r"^\..+\.tmp\d+$")  # atomic_save's name while writing
 BEST_FILE = "best.pth"
 RUN_RECORD = re.compile(r"^(train-.+\.log|events\.out\.tfevents\..+)$")  # a run's log and TensorBoard files
@@ -81,6 +85,30 @@ def epoch_checkpoints(save_path: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def mid_epoch_file(save_path: str | Path, epochs_done: int, step: int) -> Path:
+    """Where the checkpoint after `step` global steps of epoch epochs_done + 1 goes."""
+    return Path(save_path) / f"train_epoch_{epochs_done + 1}_step_{step}.pth"
+
+
+def training_checkpoints(save_path: str | Path) -> list[tuple[tuple[int, int], Path]]:
+    """Complete epoch and mid-epoch checkpoints, oldest first, each with its position
+    (epochs done, steps into the next epoch)."""
+    folder = Path(save_path)
+    if not folder.is_dir():
+        return []
+    found = [((epochs, 0), path) for epochs, path in epoch_checkpoints(folder)]
+    found += [((int(m.group(1)) - 1, int(m.group(2))), p) for p in folder.iterdir()
+              if (m := MID_EPOCH_FILE.match(p.name))]
+    return sorted(found)
+
+
+def prune_mid_epoch(save_path: str | Path, newest: Path) -> None:
+    """Delete every mid-epoch checkpoint but `newest`."""
+    for path in Path(save_path).iterdir():
+        if MID_EPOCH_FILE.match(path.name) and path.name != newest.name:
+            path.unlink(missing_ok=True)
+
+
 def prune_checkpoints(save_path: str | Path, keep: int) -> None:
     """Delete all but the `keep` newest epoch checkpoints (best.pth is a separate file)."""
     for _, path in epoch_checkpoints(save_path)[:-keep]:
@@ -93,7 +121,7 @@ def archive_previous_run(save_path: str | Path, current_log: str | Path | None =
     pruning cannot delete this run's files, `resume auto` never continues from the other run and
     TensorBoard does not draw the two runs as one. `current_log` (this run's log) stays."""
     folder = Path(save_path)
-    old = [p for _, p in epoch_checkpoints(folder)] + [p for p in (folder / BEST_FILE,) if p.is_file()]
+    old = [p for _, p in training_checkpoints(folder)] + [p for p in (folder / BEST_FILE,) if p.is_file()]
     if not old:
         return None
     keep = Path(current_log).resolve() if current_log is not None else None
@@ -105,19 +133,24 @@ def archive_previous_run(save_path: str | Path, current_log: str | Path | None =
     return archive
 
 
-def checkpoints_to_come(save_path: str | Path, keep: int) -> int:
+def checkpoints_to_come(save_path: str | Path, keep: int, mid_epoch: bool = False) -> int:
     """How many more checkpoint-sized files save_path must take at a save's peak: `keep` epoch files,
-    the new one, best.pth and its replacement while written, less those already there."""
-    present = min(len(epoch_checkpoints(save_path)), keep) + (Path(save_path) / BEST_FILE).is_file()
-    return keep + 3 - present
+    the new one, best.pth and its replacement while written (and with mid_epoch, the mid-epoch file
+    and its replacement), less those already there."""
+    folder = Path(save_path)
+    present = min(len(epoch_checkpoints(folder)), keep) + (folder / BEST_FILE).is_file()
+    if mid_epoch:
+        present += any(MID_EPOCH_FILE.match(p.name) for p in folder.iterdir()) if folder.is_dir() else 0
+    return keep + 3 + 2 * mid_epoch - present
 
 
 def resolve_resume(resume: str, save_path: str | Path) -> Path | None:
-    """TRAIN.resume: '' -> None; 'auto' -> newest complete checkpoint in save_path or None; else the path."""
+    """TRAIN.resume: '' -> None; 'auto' -> newest complete checkpoint in save_path (epoch or mid-epoch)
+    or None; else the path."""
     if not resume:
         return None
     if resume == "auto":
-        found = epoch_checkpoints(save_path)
+        found = training_checkpoints(save_path)
         return found[-1][1] if found else None
     path = Path(resume)
     if not path.exists():  # a folder is named as such when loaded

@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from util.errors import UserError
+from util.errors import RunStopped, UserError
 
 LOG_FORMAT = "[%(asctime)s %(levelname)s] %(message)s"
 
@@ -138,6 +138,8 @@ def run_main(main: Callable[[], int | None]) -> None:
             log_to_files(traceback.format_exc().rstrip())
             raise
         _report(f"error: {reason}", 1)
+    except RunStopped as stop:
+        _report(f"stopped; {stop}", stop.status)
     except KeyboardInterrupt as interrupt:  # a script may say in it how to continue
         _report(f"interrupted; {interrupt}" if str(interrupt) else "interrupted", 130)
     except Exception:  # a bug: its traceback goes to the terminal and, the same, to the log

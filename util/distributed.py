@@ -32,6 +32,7 @@ DEFAULT_MASTER_PORT = 29500
 DEFAULT_TIMEOUT_S = 1800.0
 BACKENDS = ("auto", "nccl", "gloo")
 EPOCH_SEED_STRIDE = 1_000_003
+RESTART_VARIABLE = "TORCHELASTIC_RESTART_COUNT"  # torchrun's count of group restarts (--max-restarts)
 
 
 @dataclass(frozen=True)
@@ -224,13 +225,28 @@ def init_distributed(cfg_backend: str = "auto", dist_timeout_s: float = DEFAULT_
         raise ConfigError(f"dist_timeout: expected a positive number of seconds, got {dist_timeout_s}")
     device = _select_device(launch.local_rank, launch.launcher)
     if launch.world_size > 1:
-        # torchrun's agent already serves a store at MASTER_ADDR:PORT that env:// reuses.
-        init_method = ("env://" if launch.launcher == "torchrun"
-                       else f"tcp://{launch.master_addr}:{launch.master_port}")
-        dist.init_process_group(backend, init_method=init_method, rank=launch.rank,
-                                world_size=launch.world_size, timeout=timedelta(seconds=dist_timeout_s),
-                                device_id=device if backend == "nccl" else None)  # NCCL: barriers know the GPU
+        timeout = timedelta(seconds=dist_timeout_s)
+        device_id = device if backend == "nccl" else None  # NCCL: barriers know the GPU
+        if launch.launcher == "torchrun":
+            dist.init_process_group(backend, store=attempt_store(os.environ if env is None else env, timeout),
+                                    rank=launch.rank, world_size=launch.world_size, timeout=timeout,
+                                    device_id=device_id)
+        else:
+            dist.init_process_group(backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+                                    rank=launch.rank, world_size=launch.world_size, timeout=timeout,
+                                    device_id=device_id)
     return DistInfo(launch.rank, launch.local_rank, launch.world_size, device, launch.rank == 0)
+
+
+def attempt_store(env: Mapping[str, str], timeout: timedelta) -> dist.Store:
+    """The key-value store of this torchrun attempt: torchrun's agent serves one store at
+    MASTER_ADDR:PORT for the whole job, and a group restarted by --max-restarts writes the same
+    keys as the group that died, whose addresses are still there. A new rank that read a dead
+    rank's address before its peer replaced it failed in gloo's connectFullMesh with "Connection
+    refused". Keys under a prefix per restart (RESTART_VARIABLE) are never stale."""
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    return dist.PrefixStore(f"semseg/attempt{env.get(RESTART_VARIABLE, '0')}", store)
 
 
 def is_distributed() -> bool:
@@ -297,7 +313,9 @@ class GlobalBatchSampler(Sampler):
     one optimiser step, concatenated in rank order, are exactly global batch b, whatever W and A.
 
     Elements are (epoch, index) tuples so the dataset can seed augmentation per sample and epoch.
-    Use as DataLoader(dataset, batch_sampler=sampler) and call set_epoch(e) before each epoch.
+    Use as DataLoader(dataset, batch_sampler=sampler) and call set_epoch(e) before each epoch;
+    set_epoch(e, first_step=s) skips the first s global batches, where a mid-epoch checkpoint left
+    off (s counts global batches, so it holds for any process count).
     With drop_last=False the last, short global batch is cut the same way into near-equal
     chunks (torch.tensor_split sizes); it must have at least W * A samples so no process gets
     an empty micro-batch.
@@ -332,6 +350,7 @@ class GlobalBatchSampler(Sampler):
         self.drop_last = drop_last
         self.micro_batches_per_step = micro_batches_per_step
         self.epoch = 0
+        self.first_step = 0
 
     @property
     def steps_per_epoch(self) -> int:
@@ -344,10 +363,11 @@ class GlobalBatchSampler(Sampler):
         """Samples per yielded micro-batch (the last step may differ when drop_last=False)."""
         return self.global_batch_size // (self.world_size * self.micro_batches_per_step)
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
+    def set_epoch(self, epoch: int, first_step: int = 0) -> None:
+        if epoch < 0 or not 0 <= first_step <= self.steps_per_epoch:
+            raise ValueError(f"need epoch >= 0 and 0 <= first_step <= {self.steps_per_epoch}, got {epoch}, {first_step}")
         self.epoch = epoch
+        self.first_step = first_step
 
     def epoch_order(self) -> torch.Tensor:
         """The permutation of the current epoch (identical on every process)."""
@@ -360,10 +380,10 @@ class GlobalBatchSampler(Sampler):
         order = self.epoch_order()
         chunks = self.world_size * self.micro_batches_per_step
         first = self.rank * self.micro_batches_per_step
-        for step in range(self.steps_per_epoch):
+        for step in range(self.first_step, self.steps_per_epoch):
             global_batch = order[step * self.global_batch_size:(step + 1) * self.global_batch_size]
             for chunk in torch.tensor_split(global_batch, chunks)[first:first + self.micro_batches_per_step]:
                 yield [(self.epoch, int(index)) for index in chunk]
 
     def __len__(self) -> int:
-        return self.steps_per_epoch * self.micro_batches_per_step
+        return (self.steps_per_epoch - self.first_step) * self.micro_batches_per_step

@@ -19,3 +19,12 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A weight or checkpoint file that is missing, unsafe or does not fit the model."""
+
+
+class RunStopped(Exception):
+    """A run that stopped on request (a signal) after saving where it was: not a failure. The
+    message says where it stopped and how to continue; `status` is the exit status to end with."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
