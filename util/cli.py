@@ -11,6 +11,7 @@ saw (the error line, or the traceback), so a log read later tells how the run en
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -111,10 +112,10 @@ def log_to_files(text: str) -> None:
         handler.handle(record)
 
 
-def _report(line: str, status: int) -> None:
+def _report(line: str, status: int) -> int:
     print(line, file=sys.stderr)
     log_to_files(line)
-    sys.exit(status)
+    return status
 
 
 def run_main(main: Callable[[], int | None]) -> None:
@@ -131,20 +132,24 @@ def run_main(main: Callable[[], int | None]) -> None:
         if debug_enabled():
             log_to_files(traceback.format_exc().rstrip())
             raise
-        _report(f"error: {user_error_message(err)}", 2)
+        status = _report(f"error: {user_error_message(err)}", 2)
     except RuntimeError as err:
         reason = None if debug_enabled() else out_of_resources_message(err)
         if reason is None:
             log_to_files(traceback.format_exc().rstrip())
             raise
-        _report(f"error: {reason}", 1)
+        status = _report(f"error: {reason}", 1)
     except RunStopped as stop:
-        _report(f"stopped; {stop}", stop.status)
+        status = _report(f"stopped; {stop}", stop.status)
     except KeyboardInterrupt as interrupt:  # a script may say in it how to continue
-        _report(f"interrupted; {interrupt}" if str(interrupt) else "interrupted", 130)
+        status = _report(f"interrupted; {interrupt}" if str(interrupt) else "interrupted", 130)
     except Exception:  # a bug: its traceback goes to the terminal and, the same, to the log
         log_to_files(traceback.format_exc().rstrip())
         raise
+    # Out of the except clause the failed run's frames are garbage: collecting them now lets a
+    # DataLoader in them stop its workers itself. Left to the exit hooks, multiprocessing would
+    # terminate those workers while torch still watches them, and print its own traceback.
+    gc.collect()
     sys.exit(status or 0)
 
 
