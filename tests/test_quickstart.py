@@ -8,9 +8,11 @@ from conftest import REPO_ROOT, run_tool
 
 CONFIG = "config/toy/toy_pspnet18.yaml"
 # the README's paragraph that starts "**Scaled-down check**" and quotes the mIoU in bold
-# One thread, and PyTorch's and oneDNN's kernels held to AVX2: the score depends on the instruction
-# set the kernels use (AVX-512 here gives 0.2161, AVX2 0.2236), so without the cap the number would
-# hold on one kind of CPU only. x86-64 CPUs of the last decade have AVX2.
+# One thread, and PyTorch's and oneDNN's kernels held to AVX2, which narrows how far CPUs differ but
+# does not remove it: 0.2161 (AVX-512 EPYC, uncapped), 0.2236 (that EPYC capped to AVX2) and 0.2168
+# (an AVX2-only EPYC) were measured. So the README's number must hold within TOLERANCE, about three
+# times that spread: a change that really moves the score still fails here.
+TOLERANCE = 0.02
 PORTABLE_KERNELS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "avx2",
                     "ONEDNN_MAX_CPU_ISA": "AVX2"}
 QUOTED = re.compile(r"\*\*Scaled-down check\*\*(?:(?!\n\n).)*?mIoU \*\*(\d\.\d{4})\*\*", re.S)
@@ -36,6 +38,6 @@ def test_the_readme_quotes_the_score_of_the_scaled_down_quick_start(tiny_toy, tm
     produced = json.loads((tmp_path / "result" / "metrics.json").read_text())["mIoU"]
     quoted = QUOTED.search((REPO_ROOT / "README.md").read_text(encoding="utf-8"))
     assert quoted, "README.md lost its '**Scaled-down check**' sentence with the mIoU in bold"
-    assert quoted.group(1) == f"{produced:.4f}", (
-        f"the scaled-down quick start gives mIoU {produced:.4f}; README.md says {quoted.group(1)}: "
-        "update the README (and re-measure the full quick start)")
+    assert abs(float(quoted.group(1)) - produced) <= TOLERANCE, (
+        f"the scaled-down quick start gives mIoU {produced:.4f}; README.md says {quoted.group(1)} "
+        f"(within {TOLERANCE} passes): update the README (and re-measure the full quick start)")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -138,11 +139,22 @@ def main() -> None:
     warning = exposure_warning(args.host)
     if warning:
         logger.warning(warning)
+    server = uvicorn.Server(uvicorn.Config(demo.app(), log_config=None, timeout_graceful_shutdown=5))
+    interrupted = []
+
+    def interrupt(signum, frame):
+        # Ours before uvicorn installs its own handler and again when it re-raises the signal after
+        # shutting down: a Ctrl-C at any moment, even during start-up, ends with status 130.
+        interrupted.append(signum)
+        server.should_exit = True
+
+    signal.signal(signal.SIGINT, interrupt)
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
     logger.info("serving %s on http://%s:%d/ (Ctrl-C stops); limits: %s", demo.title, url_host, port, limits)
-    server = uvicorn.Server(uvicorn.Config(demo.app(), log_config=None, timeout_graceful_shutdown=5))
     server.run(sockets=[sock])
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
