@@ -136,7 +136,7 @@ def test_result_folders_are_named_after_the_checkpoint_split_and_scales():
 
 def test_the_experiment_evaluates_what_it_trained_or_the_export_given():
     config = str(REPO_ROOT / "config/toy/toy_pspnet18.yaml")
-    assert evaluation_paths(config, "x", []) == ("x/model/train_epoch_9.pth", Path("x/result/epoch_9/val/ms"))
+    assert evaluation_paths(config, "x", []) == ("x/model/train_epoch_12.pth", Path("x/result/epoch_12/val/ms"))
     assert evaluation_paths(config, "x", ["TRAIN.save_path", "/y", "TRAIN.epochs", "2"]) == \
         ("/y/train_epoch_2.pth", Path("x/result/epoch_2/val/ms"))
     assert evaluation_paths(config, "x", ["TEST.onnx_path", "m.onnx"])[1] == Path("x/result/m.onnx/val/ms")

@@ -219,8 +219,11 @@ def test_fresh_run_moves_an_earlier_runs_checkpoints_aside(tiny_toy, tmp_path):
 
 
 def test_resume_may_switch_to_fp16_amp(tiny_toy, tmp_path):
-    """A checkpoint saved without fp16 has no grad-scaler state; resuming with fp16 starts a fresh scaler."""
-    cfg = write_config(tmp_path / "run" / "cfg.yaml", tiny_toy, TRAIN={"print_freq": 4})
+    """A checkpoint saved without fp16 has no grad-scaler state; resuming with fp16 starts a fresh scaler.
+    One step per epoch: fp16 is emulated, and slow, on CPUs without native fp16."""
+    (tmp_path / "train4.txt").write_text("".join((tiny_toy / "train.txt").read_text().splitlines(True)[:4]))
+    cfg = write_config(tmp_path / "run" / "cfg.yaml", tiny_toy, DATA={"train_list": str(tmp_path / "train4.txt")},
+                       TRAIN={"print_freq": 4})
     out = run_tool("train.py", f"--config={cfg}", "TRAIN.epochs", "1")
     assert out.returncode == 0, out.stderr[-3000:]
     out = run_tool("train.py", f"--config={cfg}", "TRAIN.resume", "auto", "TRAIN.amp", "fp16")

@@ -1,6 +1,6 @@
 """Benchmark training, evaluation and the PSA op; prints markdown tables and writes JSON.
 
-  python tool/benchmark.py --quick                       # toy model on CPU, under a minute
+  python tool/benchmark.py --quick                       # toy model; minutes on a CPU without native bf16
   python tool/benchmark.py --train-config=config/toy/toy_pspnet18.yaml
   python tool/benchmark.py --train-layers 50 --train-crop 473 --train-batch 8 --train-samples 80 \
       --eval-layers 50 --eval-classes 150 --eval-size 512x683 --eval-crop 473 --psa-size 465   # GPU rows
