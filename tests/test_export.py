@@ -1,5 +1,6 @@
 """ONNX deployment: tool/export.py writes a standard ONNX file whose onnxruntime logits equal
 PyTorch's, and tool/test.py, tool/demo.py and the Predictor run it like the checkpoint."""
+import copy
 import json
 import shutil
 import subprocess
@@ -170,17 +171,27 @@ def test_a_checkpoint_given_as_the_onnx_file_is_one_line_pointing_at_model_path(
     assert_one_line_error(out, "TEST.onnx_path", "is a PyTorch checkpoint", "TEST.model_path")
 
 
-def test_export_refuses_a_file_that_differs_from_pytorch(exported, tmp_path, monkeypatch):
-    """The exporter is replaced by a copy of another network's export: the onnxruntime check must fail,
-    write nothing under --output and keep the file as .unverified.onnx."""
+@pytest.mark.parametrize("weights, message", [
+    ("other", r"onnxruntime differs from PyTorch by .* \(more than 1e-03\)"),
+    ("nan", r"the logits are not finite \(NaN or inf; a diverged checkpoint\?\)"),
+])
+def test_export_refuses_a_file_that_differs_from_pytorch(exported, tmp_path, monkeypatch, weights, message):
+    """The exporter is replaced by a copy of another network's export, and the checkpoint is another
+    network or one with NaN weights (whose difference is NaN, which no comparison exceeds): the
+    onnxruntime check must fail, write nothing under --output and keep the file as .unverified.onnx."""
     from tool import export as export_tool
     cfg = load_config(exported["cfg"])
-    torch.save({"state_dict": random_model(cfg, 1).state_dict()}, tmp_path / "other.pth")
+    model = random_model(cfg, 1)
+    if weights == "nan":
+        model = copy.deepcopy(exported["model"])  # the export's own weights, one of them NaN
+        with torch.no_grad():
+            model.cls[4].weight[0, 0] = float("nan")
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "other.pth")
     monkeypatch.setattr(export_tool, "export_onnx", lambda model, path, *_: shutil.copy(exported["onnx"], path))
     monkeypatch.setattr(export_tool, "setup_logging", lambda *args: None)
     monkeypatch.setattr(sys, "argv", ["export.py", f"--config={exported['cfg']}", "TEST.model_path",
                                       str(tmp_path / "other.pth"), "--output", str(tmp_path / "x.onnx")])
-    with pytest.raises(UserError, match=r"export check failed: onnxruntime differs from PyTorch by .* \(more than 1e-03\)"):
+    with pytest.raises(UserError, match="export check failed: " + message):
         export_tool.main()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.pth", "x.unverified.onnx"]
 

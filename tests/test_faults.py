@@ -251,6 +251,30 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train_epoch_1.pth"]
 
 
+def test_an_error_that_is_not_the_write_is_not_reported_as_a_full_disk(tmp_path, monkeypatch):
+    """A data worker's death, reported by PyTorch while the process saves, is not a disk problem."""
+    def worker_died(*args, **kwargs):
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Terminated.")
+
+    monkeypatch.setattr(checkpoint.torch, "save", worker_died)
+    with pytest.raises(RuntimeError, match="DataLoader worker"):
+        checkpoint.atomic_save({"epoch": 1}, tmp_path / "train_epoch_1.pth")
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_explicit_resume_from_an_earlier_point_moves_the_later_checkpoints_aside(tmp_path):
+    """Else pruning (the highest epochs kept) deletes the resumed run's new files, and a restart's
+    `resume auto` goes back to the abandoned branch."""
+    names = ["best.pth", "train_epoch_4.pth", "train_epoch_5.pth", "train_epoch_6_step_3.pth", "train_epoch_9.pth"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    archive = checkpoint.archive_checkpoints_after(tmp_path, (5, 0))
+    assert archive.parent == tmp_path and archive.name.startswith("previous-")
+    assert sorted(p.name for p in archive.iterdir()) == ["train_epoch_6_step_3.pth", "train_epoch_9.pth"]
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == names[:3]
+    assert checkpoint.archive_checkpoints_after(tmp_path, (5, 0)) is None
+
+
 def test_space_check_counts_only_the_checkpoints_still_to_come(tmp_path):
     assert checkpoint.checkpoints_to_come(tmp_path, keep=2) == 5  # 2 kept, the new one, best.pth, its successor
     for epoch in (1, 2, 3):

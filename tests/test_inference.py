@@ -123,6 +123,8 @@ def test_scaled_size_keeps_aspect_with_semseg_rounding():
     assert scaled_size(375, 500, 512) == (384, 512)
     assert scaled_size(500, 375, 512) == (512, 384)
     assert scaled_size(1024, 2048, round(1.75 * 2048)) == (1792, 3584)
+    assert scaled_size(1, 200, 32) == (1, 32) and scaled_size(200, 1, 32) == (32, 1)  # not 0: cv2 would assert
+    assert resize_image(np.zeros((1, 200, 3), np.float32), 32).shape == (1, 32, 3)
 
 
 def test_output_names_keep_relative_path_on_clashes(tmp_path):

@@ -33,16 +33,18 @@ def config(root: Path, toy: Path) -> Path:
 
 
 def start(cfg: Path, *args: str, launcher=TORCHRUN_2, pause: tuple[int, Path] | None = None,
-          log: Path | None = None) -> subprocess.Popen:
+          log: Path | None = None, own_group: bool = False) -> subprocess.Popen:
     """tool/train.py on the CPU, its output into `log`; with pause=(k, folder) every rank waits after
-    iteration k until released (see util.preemption.pause_for_test)."""
+    iteration k until released (see util.preemption.pause_for_test); with own_group, in a process
+    group of its own, as a job that a scheduler signals as a whole."""
     env = {**os.environ, **CPU_ONLY, "OMP_NUM_THREADS": "1"}
     if pause is not None:
         pause[1].mkdir(parents=True, exist_ok=True)
         env[PAUSE_VARIABLE] = f"{pause[0]}:{pause[1]}"
     out = open(log or cfg.parent / "run.log", "w")
     return subprocess.Popen([*launcher, str(REPO_ROOT / "tool" / "train.py"), f"--config={cfg}", *args],
-                            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+                            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=own_group)
 
 
 def paused_ranks(folder: Path, ranks: int, run: subprocess.Popen) -> dict[int, int]:
@@ -144,6 +146,44 @@ def test_max_restarts_resumes_by_itself_after_a_sigkill(tiny_toy, tmp_path, unin
     assert "resumed from" in log and "train_epoch_2_step_1.pth (epoch 2, after step 1)" in log, log[-3000:]
     assert "moved them" not in log  # the restarted group did not start over
     assert_same_weights(final_weights(tmp_path / "model", 3), uninterrupted, atol=0)
+
+
+ONE_PROCESS = [sys.executable]
+
+
+def test_sigterm_to_the_whole_job_with_workers_and_no_seed_resumes_as_never_stopped(tiny_toy, tmp_path):
+    """scancel, SLURM preemption and docker stop signal every process of the job, data workers included.
+    The run sets no TRAIN.manual_seed: the seed it drew comes back with the checkpoint. The stop comes
+    after the last step of epoch 1, so the resumed run starts at that epoch's validation."""
+    def run_config(name: str, seed: int | None) -> Path:
+        root = tmp_path / name
+        (root / "train8.txt").parent.mkdir(parents=True)
+        (root / "train8.txt").write_text("".join((tiny_toy / "train.txt").read_text().splitlines(True)[:8]))
+        return write_config(root / "cfg.yaml", tiny_toy, DATA={"train_list": str(root / "train8.txt")},
+                            TRAIN={**TRAIN, "workers": 2, "manual_seed": seed})
+
+    cfg = run_config("stopped", None)
+    run = start(cfg, launcher=ONE_PROCESS, pause=(ITERATIONS_PER_EPOCH, tmp_path / "pause"), own_group=True)
+    paused_ranks(tmp_path / "pause", 1, run)
+    os.killpg(run.pid, signal.SIGTERM)
+    status, log = finish(run, cfg)
+    assert status == STOPPED_STATUS, log[-3000:]
+    assert mid_epoch_files(cfg.parent / "model") == [f"train_epoch_1_step_{ITERATIONS_PER_EPOCH}.pth"]
+    seed = int(re.search(r"TRAIN.manual_seed not set; using (\d+)", log).group(1))
+
+    changed = subprocess.run([*ONE_PROCESS, str(REPO_ROOT / "tool" / "train.py"), f"--config={cfg}", "TRAIN.resume",
+                              "auto", "TRAIN.batch_size", "2"], cwd=REPO_ROOT, env={**os.environ, **CPU_ONLY},
+                             capture_output=True, text=True)
+    assert changed.returncode == 2 and "of an epoch of 2 steps, but this run has 4 steps" in changed.stderr, (
+        changed.stderr[-2000:])
+
+    status, log = finish(start(cfg, "TRAIN.resume", "auto", launcher=ONE_PROCESS), cfg)
+    assert status == 0, log[-3000:]
+    assert f"the data order goes on with the run's seed {seed}" in log and "nan" not in log.lower()
+    reference = run_config("reference", seed)
+    status, reference_log = finish(start(reference, launcher=ONE_PROCESS), reference)
+    assert status == 0, reference_log[-3000:]
+    assert_same_weights(final_weights(reference.parent / "model", 3), final_weights(cfg.parent / "model", 3), atol=0)
 
 
 def test_a_mid_epoch_checkpoint_is_saved_every_n_minutes_and_only_the_newest_kept(tiny_toy, tmp_path, monkeypatch):

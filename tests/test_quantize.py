@@ -25,7 +25,7 @@ from util.inference import to_network_input
 from util.onnx_model import export_metadata, export_onnx
 from util.palette import read_colors
 from util.predictor import Predictor
-from util.quantize import evenly_spaced, float_nodes, list_images
+from util.quantize import evenly_spaced, float_nodes, list_images, quantize_int8
 from util.video import VideoReader, segment_video
 
 CROP = 33
@@ -127,6 +127,51 @@ def test_int8_file_runs_through_test_demo_video_and_predictor(int8, tiny_toy, tm
     assert overlay.is_file() and len(list((tmp_path / "video" / "clip_frames").iterdir())) == 2
 
 
+def two_conv_onnx(path):
+    """input -> Conv -> Relu -> Conv -> output, 3 -> 4 -> 2 channels: the first conv gets quantized."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in (("w1", (4, 3, 3, 3)), ("w2", (2, 4, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
+    graph = helper.make_graph(nodes, "two_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 8, 8])], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_calibration_session_follows_the_thread_plan(tmp_path, monkeypatch):
+    """onnxruntime's calibrator would take a thread per core and spin; it gets PyTorch's thread count."""
+    import onnxruntime
+    opened = []
+    real_session = onnxruntime.InferenceSession
+
+    def recording_session(path, sess_options=None, *args, **kwargs):
+        opened.append((sess_options.intra_op_num_threads,
+                       sess_options.get_session_config_entry("session.intra_op.allow_spinning")))
+        return real_session(path, sess_options, *args, **kwargs)
+
+    class Reader:
+        windows = 2
+        feed = iter([{"x": np.random.default_rng(i).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+                     for i in range(2)])
+
+        def get_next(self):
+            return next(self.feed, None)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording_session)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        quantization = quantize_int8(two_conv_onnx(tmp_path / "fp32.onnx"), tmp_path / "int8.onnx", Reader(), {})
+    finally:
+        torch.set_num_threads(threads)
+    assert quantization["float_nodes"] == ["conv2"] and opened and set(opened) == {(1, "0")}, opened
+    assert any(node.op_type == "QuantizeLinear" for node in onnx.load(str(tmp_path / "int8.onnx")).graph.node)
+
+
 def test_int8_below_the_agreement_threshold_is_refused_and_nothing_is_left(int8, tmp_path, monkeypatch):
     """A demand of full agreement: 8-bit rounding always flips some of a small network's pixels."""
     output = tmp_path / "out" / "x.int8.onnx"
@@ -172,3 +217,11 @@ def test_calibration_images_are_spread_over_the_source(tiny_toy):
     folder = list_images(tiny_toy / "images" / "val", str(tiny_toy), "--calibration")
     listed = list_images(tiny_toy / "val.txt", str(tiny_toy), "--calibration")
     assert len(folder) == len(listed) == 8 and sorted(folder) == sorted(listed)
+
+
+def test_calibration_lists_follow_data_allow_unsafe_paths_as_training_does(tiny_toy, tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("".join(f"{tiny_toy / line}\n" for line in (tiny_toy / "val.txt").read_text().split()[::2]))
+    with pytest.raises(DataError, match="--calibration: .*DATA.allow_unsafe_paths True"):
+        list_images(outside, str(tmp_path), "--calibration")
+    assert len(list_images(outside, str(tmp_path), "--calibration", allow_unsafe_paths=True)) == 8

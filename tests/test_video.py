@@ -14,7 +14,7 @@ import pytest
 from conftest import assert_one_line_error, run_tool, write_config
 from util.errors import DataError, UserError
 from util.palette import read_colors, read_names
-from util.video import VideoReader, draw_legend, legend_layout, overlay_frame, segment_video
+from util.video import FramesTooLarge, VideoReader, draw_legend, legend_layout, overlay_frame, segment_video
 
 FRAMES, FPS, WIDTH, HEIGHT = 9, 12.0, 64, 48
 
@@ -167,6 +167,30 @@ def test_bad_input_is_one_line_and_leaves_no_output(case, fragments, clip, confi
 def test_more_files_that_are_not_videos_are_named(case, message, tmp_path):
     with pytest.raises(DataError, match=message):
         VideoReader(bad_video(case, tmp_path))
+
+
+def test_frames_over_the_pixel_limit_are_refused_from_the_header_before_any_decoding(clip, monkeypatch):
+    """A few hundred bytes of MJPEG can announce an 8000x8000 frame: decoding it first costs 200 MB."""
+    reads = []
+    real_capture = cv2.VideoCapture
+
+    class CountingCapture:
+        def __init__(self, *args):
+            self.capture = real_capture(*args)
+
+        def read(self):
+            reads.append(1)
+            return self.capture.read()
+
+        def __getattr__(self, name):
+            return getattr(self.capture, name)
+
+    monkeypatch.setattr(cv2, "VideoCapture", CountingCapture)
+    with pytest.raises(FramesTooLarge, match=f"clip.mp4: the video is {WIDTH}x{HEIGHT} = {WIDTH * HEIGHT} pixels a "
+                                             f"frame; at most {WIDTH * HEIGHT - 1}"):
+        VideoReader(clip, max_pixels=WIDTH * HEIGHT - 1)
+    assert not reads
+    assert VideoReader(clip, max_pixels=WIDTH * HEIGHT).width == WIDTH and reads == [1]
 
 
 def test_every_must_be_positive(clip, tmp_path):

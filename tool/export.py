@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -106,12 +107,13 @@ def main() -> None:
         temporary.unlink(missing_ok=True)
         raise
     logger.info("onnxruntime vs PyTorch: max abs logit difference %.2e (limit %.0e)", difference, TOLERANCE)
-    if difference > TOLERANCE:
+    if not difference <= TOLERANCE:  # NaN too: a diverged checkpoint's logits match nothing
         kept = output.with_name(f"{output.stem}.unverified.onnx")
         os.replace(temporary, kept)
-        raise UserError(f"export check failed: onnxruntime differs from PyTorch by {difference:.2e} (more than "
-                        f"{TOLERANCE:.0e}) on a batch of {SAMPLE_BATCH}; {output} was not written, the file is "
-                        f"kept as {kept} for inspection")
+        found = (f"onnxruntime differs from PyTorch by {difference:.2e} (more than {TOLERANCE:.0e})"
+                 if math.isfinite(difference) else "the logits are not finite (NaN or inf; a diverged checkpoint?)")
+        raise UserError(f"export check failed: {found} on a batch of {SAMPLE_BATCH}; {output} was not written, "
+                        f"the file is kept as {kept} for inspection")
     if int8:
         try:
             quantize_checked(temporary, output, cfg, int8)
@@ -134,7 +136,7 @@ def int8_plan(args: argparse.Namespace, cfg) -> dict:
         raise UserError(f"--min-agreement {args.min_agreement}: expected a share in (0, 1], e.g. 0.98")
     source = args.calibration or cfg.train_list
     option = "--calibration" if args.calibration else "--calibration (default DATA.train_list)"
-    calibration = evenly_spaced(list_images(Path(source), cfg.data_root, option), args.calibration_images)
+    calibration = evenly_spaced(list_images(Path(source), cfg.data_root, option, cfg.allow_unsafe_paths), args.calibration_images)
     check_list = args.check_list or cfg.test_list
     dataset = dataset_from_config(cfg, check_list, list_split(Path(check_list)))
     indices = held_out(dataset, calibration)

@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 from urllib.parse import urlparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,8 +45,8 @@ from model import build_model  # noqa: E402
 from model.imagenet_convert import load_backbone_weights  # noqa: E402
 from model.imagenet_sources import fetch_command, source_depths  # noqa: E402
 from model.weights import imagenet_weights_path, load_checkpoint, load_model_state, load_model_weights  # noqa: E402
-from util.checkpoint import (BEST_FILE, archive_previous_run, atomic_save, check_writable,  # noqa: E402
-                             checkpoints_to_come, epoch_checkpoints, mid_epoch_file, prune_checkpoints,
+from util.checkpoint import (BEST_FILE, archive_checkpoints_after, archive_previous_run, atomic_save,  # noqa: E402
+                             check_writable, checkpoints_to_come, epoch_checkpoints, mid_epoch_file, prune_checkpoints,
                              prune_mid_epoch, remove_stale_temporaries, resolve_resume, rng_state, set_rng_state,
                              training_checkpoint_kind, training_checkpoints, with_module_prefix)
 from util.cli import Progress, run_main, setup_logging  # noqa: E402
@@ -103,12 +103,14 @@ def make_train_loader(cfg: Config, info: DistInfo, seed: int, workers: int) -> t
 
 def init_train_data_worker(worker_id: int) -> None:
     """A forked data worker inherits the stop handlers (util/preemption.py) of its training process.
-    Ctrl-C and SIGUSR1 are left to that process, which ends its workers when it stops; SIGTERM ends
-    a worker as before, since the DataLoader ends a stuck worker with it. (SLURM's SIGTERM at the time
-    limit reaches the workers too: tool/slurm_train.sh asks for SIGUSR1 ahead of it.)"""
+    Ctrl-C and SIGUSR1 are left to that process, which ends its workers when it stops. SIGTERM still
+    ends a worker (the DataLoader ends a stuck one with it), but with exit status 0: a SIGTERM sent to
+    the whole job (scancel, SLURM preemption, docker stop) reaches the workers too, and a worker killed
+    by a signal makes PyTorch raise in the training process, in the middle of the checkpoint that the
+    same SIGTERM asked for."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     init_data_worker(worker_id)
 
 
@@ -181,14 +183,15 @@ def validate(model: torch.nn.Module, loader: DataLoader, cfg: Config, info: Dist
     return matrix.compute()
 
 
-def training_state(cfg: Config, epochs_done: int, step: int, steps: int, net, optimizer, scaler,
+def training_state(cfg: Config, epochs_done: int, step: int, steps: int, seed: int, net, optimizer, scaler,
                    best_miou: float) -> dict:
     """Everything a run needs to go on from `step` global steps into epoch epochs_done + 1 (semseg's
-    'epoch', 'state_dict', 'optimizer' first; the sampler position is epochs_done and step)."""
+    'epoch', 'state_dict', 'optimizer' first; the sampler position is epochs_done and step, and `seed`
+    the data order's seed, which a run without TRAIN.manual_seed draws at random)."""
     return {"epoch": epochs_done, "state_dict": with_module_prefix(net.state_dict()),
             "optimizer": optimizer.state_dict(), "iteration": epochs_done * steps + step, "epoch_step": step,
-            "steps_per_epoch": steps, "scaler": scaler.state_dict(), "best_miou": best_miou, "rng": rng_state(),
-            "config": cfg.to_dict()}
+            "steps_per_epoch": steps, "seed": seed, "scaler": scaler.state_dict(), "best_miou": best_miou,
+            "rng": rng_state(), "config": cfg.to_dict()}
 
 
 def save_mid_epoch(cfg: Config, state: dict) -> Path:
@@ -249,8 +252,18 @@ def train_worker(cfg: Config, imagenet: Path | None, clock: Callable[[], float] 
 
     start_epoch, start_step, best_miou = cfg.start_epoch, 0, -1.0
     resume_path = resolve_resume(cfg.resume, save_path)
+    resumed = None
     if resume_path is not None:
-        start_epoch, start_step, best_miou = resume_training(resume_path, cfg, net, optimizer, scaler)
+        resumed = resume_training(resume_path, cfg, net, optimizer, scaler)
+        start_epoch, start_step, best_miou = resumed.epochs_done, resumed.step, resumed.best_miou
+        if cfg.manual_seed is None and resumed.seed is not None:
+            seed = resumed.seed  # the rest of the epoch in the order the run began it
+            logger.info("TRAIN.manual_seed not set; the data order goes on with the run's seed %d", seed)
+        if cfg.resume != "auto" and info.is_main:
+            archive = archive_checkpoints_after(save_path, (start_epoch, start_step))
+            if archive is not None:
+                logger.warning("%s held checkpoints past the one resumed from; moved them to %s, so that "
+                               "`TRAIN.resume auto` and pruning follow this run", save_path, archive)
     else:
         if imagenet is None and not cfg.weight:
             logger.warning("TRAIN.pretrained_backbone %s: the backbone starts from random weights, not from "
@@ -276,10 +289,14 @@ def train_worker(cfg: Config, imagenet: Path | None, clock: Callable[[], float] 
     train_loader, sampler = make_train_loader(cfg, info, seed, workers)
     val_loader = make_val_loader(cfg, info, workers) if cfg.evaluate else None
     steps = sampler.steps_per_epoch
-    if start_step > steps:
-        raise ConfigError(f"TRAIN.resume: {resume_path} stopped at step {start_step} of an epoch, but this run has "
-                          f"{steps} steps per epoch; resume with the batch size and list it was saved with")
+    saved_steps = resumed.steps_per_epoch if resumed is not None else None
+    if start_step and (start_step > steps or saved_steps not in (None, steps)):
+        raise ConfigError(f"TRAIN.resume: {resume_path} stopped at step {start_step} of an epoch of "
+                          f"{saved_steps or 'more'} steps, but this run has {steps} steps per epoch; resume with the "
+                          f"batch size and list it was saved with")
     max_iter = cfg.epochs * steps
+    # What a resumed run's first step uses (a changed base_lr or epochs included), as set after each step.
+    set_poly_lr(optimizer, cfg.base_lr, start_epoch * steps + start_step, max_iter, cfg.power)
     logger.info("global batch %d = %d process(es) x %d accumulation step(s) x %d; %d steps/epoch, %d epochs; "
                 "%d data workers and %d CPU threads per process", cfg.batch_size, info.world_size, cfg.accum_steps,
                 sampler.micro_batch_size, steps, cfg.epochs, workers, threads)
@@ -292,7 +309,7 @@ def train_worker(cfg: Config, imagenet: Path | None, clock: Callable[[], float] 
     def save_position(epochs_done: int, step: int) -> None:
         """Rank 0 saves the point `step` global steps into epoch epochs_done + 1."""
         if info.is_main:
-            state = training_state(cfg, epochs_done, step, steps, net, optimizer, scaler, best_miou)
+            state = training_state(cfg, epochs_done, step, steps, seed, net, optimizer, scaler, best_miou)
             logger.info("saved %s", save_mid_epoch(cfg, state))
         timer.restart()
 
@@ -307,9 +324,10 @@ def train_worker(cfg: Config, imagenet: Path | None, clock: Callable[[], float] 
                                                           stop, timer, save_position)
             if stopped is not None:
                 stop_here(cfg, info, *stopped, epoch, steps)
-            log_epoch_speed(epoch, (steps - first_step) * cfg.batch_size, time.perf_counter() - epoch_start, wait,
-                            info.device)
-            log_scores("training", "train", train_scores, epoch, cfg, writer)
+            if first_step < steps:  # none ran when a stop came after the epoch's last step: validate and save
+                log_epoch_speed(epoch, (steps - first_step) * cfg.batch_size, time.perf_counter() - epoch_start,
+                                wait, info.device)
+                log_scores("training", "train", train_scores, epoch, cfg, writer)
             is_best = False
             if val_loader is not None:
                 scores = validate(net, val_loader, cfg, info)  # unwrapped: shards may differ in length
@@ -318,7 +336,7 @@ def train_worker(cfg: Config, imagenet: Path | None, clock: Callable[[], float] 
                 log_scores("validation", "val", scores, epoch, cfg, writer)
             epoch_file = (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.epochs
             if info.is_main and (epoch_file or is_best):
-                state = training_state(cfg, epoch + 1, 0, steps, net, optimizer, scaler, best_miou)
+                state = training_state(cfg, epoch + 1, 0, steps, seed, net, optimizer, scaler, best_miou)
                 for path in save_checkpoint(cfg, state, is_best, epoch_file):
                     logger.info("saved %s", path)
             timer.restart()
@@ -336,10 +354,18 @@ def train_worker(cfg: Config, imagenet: Path | None, clock: Callable[[], float] 
     cleanup_distributed()
 
 
-def resume_training(path: Path, cfg: Config, net, optimizer, scaler) -> tuple[int, int, float]:
+class ResumePoint(NamedTuple):
+    """Where a resumed run goes on from, and how its checkpoint's run cut its epochs."""
+    epochs_done: int
+    step: int  # global steps done of the next epoch
+    best_miou: float
+    seed: int | None  # the data order's seed; None in semseg's files and earlier versions of ours
+    steps_per_epoch: int | None
+
+
+def resume_training(path: Path, cfg: Config, net, optimizer, scaler) -> ResumePoint:
     """Load a checkpoint of tool/train.py (epoch end or mid-epoch), or semseg's {'epoch', 'state_dict',
-    'optimizer'}, into the model, optimizer and scaler; returns (epochs done, global steps done of the
-    next epoch, best mIoU so far)."""
+    'optimizer'}, into the model, optimizer and scaler."""
     ckpt = load_checkpoint(path, "TRAIN.resume", cfg.trust_pickle)
     kind = training_checkpoint_kind(ckpt, path)
     load_model_state(net, ckpt, path, "TRAIN.resume")
@@ -348,7 +374,7 @@ def resume_training(path: Path, cfg: Config, net, optimizer, scaler) -> tuple[in
         logger.info("resumed from %s, a semseg training checkpoint (epoch %d done): model, momentum and epoch "
                     "carried over; the RNG, grad scaler and best mIoU, which semseg did not save, start fresh",
                     path, ckpt["epoch"])
-        return ckpt["epoch"], 0, -1.0
+        return ResumePoint(ckpt["epoch"], 0, -1.0, None, None)
     optimizer.load_state_dict(ckpt["optimizer"])
     if scaler.is_enabled() and ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
@@ -358,7 +384,7 @@ def resume_training(path: Path, cfg: Config, net, optimizer, scaler) -> tuple[in
     step = ckpt.get("epoch_step", 0)  # absent from epoch-end files of earlier versions
     where = f"epoch {ckpt['epoch'] + 1}, after step {step}" if step else f"epoch {ckpt['epoch']} done"
     logger.info("resumed from %s (%s)", path, where)
-    return ckpt["epoch"], step, ckpt["best_miou"]
+    return ResumePoint(ckpt["epoch"], step, ckpt["best_miou"], ckpt.get("seed"), ckpt.get("steps_per_epoch"))
 
 
 def log_epoch_speed(epoch: int, images: int, seconds: float, data_wait: float, device: torch.device) -> None:
@@ -559,7 +585,8 @@ def main() -> None:
         try:
             mp.spawn(spawn_worker, args=(cfg, gpus, imagenet), nprocs=gpus)
         except mp.ProcessException as e:  # the failing child has printed its own reason
-            sys.exit(f"training stopped: {str(e).splitlines()[0]}")
+            code = getattr(e, "exit_code", None)  # 75 after a stop, 130 after Ctrl-C, 2 for a user error
+            sys.exit(code if code and code > 0 else f"training stopped: {str(e).splitlines()[0]}")
         return
     train_worker(cfg, imagenet)
 

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 EPOCH_FILE = re.compile(r"^train_epoch_(\d+)\.pth$")
 MID_EPOCH_FILE = re.compile(r"^train_epoch_(\d+)_step_(\d+)\.pth$")
 TEMPORARY_FILE = re.compile(r"^\..+\.tmp\d+$")  # atomic_save's name while writing
+# How torch.save reports a write that failed (a full disk; "unexpected pos" when a file object raised)
+TORCH_WRITER_ERRORS = ("PytorchStreamWriter", "inline_container")
 BEST_FILE = "best.pth"
 RUN_RECORD = re.compile(r"^(train-.+\.log|events\.out\.tfevents\..+)$")  # a run's log and TensorBoard files
 SEMSEG_STATE_KEYS = ("epoch", "state_dict", "optimizer")  # what semseg's train.py saved
@@ -46,6 +48,8 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save turns a failed write (full disk) into a RuntimeError
         tmp.unlink(missing_ok=True)
+        if isinstance(e, RuntimeError) and not any(writer in str(e) for writer in TORCH_WRITER_ERRORS):
+            raise  # not the write: an error of the process reported while it saved
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
         raise CheckpointError(f"could not write checkpoint {path} ({reason}){_free_space(path.parent)}; "
                               f"earlier checkpoints in {path.parent} are intact") from None
@@ -115,6 +119,25 @@ def prune_checkpoints(save_path: str | Path, keep: int) -> None:
         path.unlink(missing_ok=True)
 
 
+def archive_checkpoints_after(save_path: str | Path, position: tuple[int, int]) -> Path | None:
+    """An explicit TRAIN.resume from an earlier point than save_path's newest checkpoint: move the
+    checkpoints past `position` (epochs done, steps into the next) to save_path/previous-<time>/, so
+    that pruning keeps this run's new files rather than those, and `resume auto` (a restart, a
+    requeue) never goes back to the abandoned branch."""
+    return move_aside(save_path, [path for where, path in training_checkpoints(save_path) if where > position])
+
+
+def move_aside(save_path: str | Path, paths: list[Path]) -> Path | None:
+    """Move `paths` into save_path/previous-<time>/ (nothing is deleted); that folder, or None."""
+    if not paths:
+        return None
+    archive = Path(save_path) / time.strftime("previous-%Y%m%d_%H%M%S")
+    archive.mkdir(exist_ok=True)
+    for path in paths:
+        os.replace(path, archive / path.name)
+    return archive
+
+
 def archive_previous_run(save_path: str | Path, current_log: str | Path | None = None) -> Path | None:
     """A fresh run (no resume) in a save_path that holds another run's checkpoints: move those, with
     that run's logs and TensorBoard events, into save_path/previous-<time>/ so that nothing is lost,
@@ -126,11 +149,7 @@ def archive_previous_run(save_path: str | Path, current_log: str | Path | None =
         return None
     keep = Path(current_log).resolve() if current_log is not None else None
     old += [p for p in folder.iterdir() if RUN_RECORD.match(p.name) and p.is_file() and p.resolve() != keep]
-    archive = folder / time.strftime("previous-%Y%m%d_%H%M%S")
-    archive.mkdir(exist_ok=True)
-    for path in old:
-        os.replace(path, archive / path.name)
-    return archive
+    return move_aside(folder, old)
 
 
 def checkpoints_to_come(save_path: str | Path, keep: int, mid_epoch: bool = False) -> int:

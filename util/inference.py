@@ -34,10 +34,11 @@ def window_batch_size(requested: int, device: torch.device | str) -> int:
 
 
 def scaled_size(h: int, w: int, long_size: int) -> tuple[int, int]:
-    """(new_h, new_w) with the long side equal to long_size, keeping the aspect ratio (semseg's rounding)."""
+    """(new_h, new_w) with the long side equal to long_size, keeping the aspect ratio (semseg's rounding);
+    at least one pixel, so that a strip of an image still has a side to resize to."""
     if h > w:
-        return long_size, round(long_size / float(h) * w)
-    return round(long_size / float(w) * h), long_size
+        return long_size, max(1, round(long_size / float(h) * w))
+    return max(1, round(long_size / float(w) * h)), long_size
 
 
 def window_starts(size: int, crop: int, stride: int) -> list[int]:

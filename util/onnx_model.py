@@ -59,6 +59,18 @@ def export_onnx(model: torch.nn.Module, path: str | Path, sample: torch.Tensor, 
     program.save(str(path))
 
 
+def session_options(threads: int = 0) -> Any:
+    """onnxruntime session options that follow util/threads.py: as many threads as PyTorch has
+    (`threads` overrides), errors-only logging, and no spinning: idle onnxruntime threads spin by
+    default, taking the cores from the work between windows."""
+    import onnxruntime
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 class OnnxNetwork:
     """An exported network in onnxruntime, called like the PyTorch one; `metadata` holds export_metadata."""
 
@@ -75,11 +87,7 @@ class OnnxNetwork:
             if f.read(len(ZIP_MAGIC)) in (ZIP_MAGIC, LEGACY_PICKLE_START):
                 raise CheckpointError(f"{config_key}: {self.path} is a PyTorch checkpoint, not an ONNX file; evaluate "
                                       f"it with TEST.model_path {self.path}, or export it with tool/export.py")
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.log_severity_level = 3  # errors only
-        # Idle onnxruntime threads spin by default, taking the cores from the work between windows.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = session_options(threads)
         try:
             self.session = onnxruntime.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime raises its own exception types for unreadable files

@@ -60,8 +60,8 @@ class StopRequest:
             raise KeyboardInterrupt
 
     def agreed(self, checkpoint_due: bool = False) -> tuple[int, bool]:
-        """(the signal any process received, the largest number, or 0; whether rank 0's clock says a
-        checkpoint is due), the same on every process at the same iteration: one all_reduce."""
+        """(the signal any process received, the largest number, or 0; whether any process's clock says
+        a checkpoint is due), the same on every process at the same iteration: one all_reduce."""
         if self._group is None:
             return self.signum, checkpoint_due
         flags = torch.tensor([self.signum, int(checkpoint_due)], dtype=torch.int32)

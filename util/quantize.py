@@ -39,6 +39,7 @@ from util.errors import DataError
 from util.image_io import IMAGE_SUFFIXES, read_image_rgb
 from util.inference import image_windows, resize_image, to_network_input
 from util.metrics import ConfusionMatrix
+from util.onnx_model import session_options
 from util.predictor import Predictor
 
 logger = logging.getLogger(__name__)
@@ -74,9 +75,10 @@ def list_split(path: Path) -> str:
     return "test" if len(first) == 1 else "val"
 
 
-def list_images(source: Path, data_root: str, option: str) -> list[str]:
-    """The image paths of a list file (paths relative to data_root, `image [label]` per line) or of a
-    folder (images directly inside, sorted). Each mistake is one DataError naming `option`."""
+def list_images(source: Path, data_root: str, option: str, allow_unsafe_paths: bool = False) -> list[str]:
+    """The image paths of a list file (paths relative to data_root, `image [label]` per line, read by
+    the rules of DATA.allow_unsafe_paths as training reads it) or of a folder (images directly inside,
+    sorted). Each mistake is one DataError naming `option`."""
     if source.is_dir():
         images = sorted(str(p) for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
@@ -85,7 +87,7 @@ def list_images(source: Path, data_root: str, option: str) -> list[str]:
     if not source.is_file():
         raise DataError(f"{option} {source}: not found (give a list file or a folder of images)")
     try:
-        entries = read_list_file(str(source), data_root, list_split(source))
+        entries = read_list_file(str(source), data_root, list_split(source), allow_unsafe_paths)
         check_files_exist([entry._replace(label_path=None) for entry in entries])
     except DataError as error:
         raise DataError(f"{option}: {error}") from None
@@ -151,6 +153,28 @@ def onnxruntime_quiet() -> Iterator[None]:
         root.removeFilter(errors_only)
 
 
+@contextlib.contextmanager
+def calibration_follows_threads() -> Iterator[None]:
+    """onnxruntime's calibrator builds its session with default options (a thread per core, spinning)
+    and offers no way to pass others; calibration is the longest step, so for its duration the
+    session gets util/onnx_model.py's options, with graph optimisation off as the calibrator wants."""
+    import onnxruntime
+    from onnxruntime.quantization.calibrate import CalibraterBase
+    original = CalibraterBase.create_inference_session
+
+    def create_inference_session(calibrator: CalibraterBase) -> None:
+        options = session_options()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+        calibrator.infer_session = onnxruntime.InferenceSession(
+            calibrator.augmented_model_path, sess_options=options, providers=calibrator.execution_providers)
+
+    CalibraterBase.create_inference_session = create_inference_session
+    try:
+        yield
+    finally:
+        CalibraterBase.create_inference_session = original
+
+
 def quantize_int8(fp32_path: Path, int8_path: Path, reader: Any, calibration: dict[str, Any]) -> dict[str, Any]:
     """Write the static QDQ int8 version of `fp32_path` to `int8_path`, calibrated on the windows of
     `reader` (a WindowReader, or any CalibrationDataReader counting its `windows`), with the float32
@@ -161,7 +185,8 @@ def quantize_int8(fp32_path: Path, int8_path: Path, reader: Any, calibration: di
     reduce_range = not cpu_has_vnni()
     fp32 = onnx.load(str(fp32_path), load_external_data=False)
     keep_float = float_nodes(fp32)
-    with tempfile.TemporaryDirectory(prefix=".quantize", dir=int8_path.parent) as folder, onnxruntime_quiet():
+    with (tempfile.TemporaryDirectory(prefix=".quantize", dir=int8_path.parent) as folder, onnxruntime_quiet(),
+          calibration_follows_threads()):
         prepared = Path(folder) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(int8_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,

@@ -86,14 +86,20 @@ def fourcc_text(code: float) -> str:
     return int(code).to_bytes(4, "little").decode("ascii", "replace").strip("\x00") or "unknown"
 
 
+class FramesTooLarge(DataError):
+    """A video whose frames exceed the pixel limit its reader was given, found from the header."""
+
+
 class VideoReader:
     """The frames of a video file (BGR uint8), its exact frame rate (`rate`, a Fraction; `fps` as a
     float), size, announced frame count and whether it has an audio track (`audio`).
 
     Opening fails with one DataError naming the file: missing, empty, an image, not a video, or a
-    video whose codec OpenCV's FFmpeg cannot decode (the first frame is decoded to find out)."""
+    video whose codec OpenCV's FFmpeg cannot decode (the first frame is decoded to find out).
+    `max_pixels` (0: no limit) refuses frames larger than that from the header, before any frame
+    is decoded: a small file can hold a huge frame."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, max_pixels: int = 0):
         self.path = path
         where = f"--video {path}"
         if not path.is_file():
@@ -111,6 +117,11 @@ class VideoReader:
                 raise DataError(f"{where}: a {container} file that OpenCV cannot decode: damaged, or its "
                                 "codec is missing from OpenCV's FFmpeg (convert it, e.g. ffmpeg -i in -c:v libx264 "
                                 "out.mp4)")
+            width, height = (int(self.capture.get(prop)) for prop in (cv2.CAP_PROP_FRAME_WIDTH, cv2.CAP_PROP_FRAME_HEIGHT))
+            if max_pixels and width * height > max_pixels:
+                self.capture.release()
+                raise FramesTooLarge(f"{where}: the video is {width}x{height} = {width * height} pixels a frame; "
+                                     f"at most {max_pixels}")
             ok, self.first = self.capture.read()
         self.fourcc = fourcc_text(self.capture.get(cv2.CAP_PROP_FOURCC))
         if not ok:

@@ -24,7 +24,7 @@ import numpy as np
 
 from util.cli import Progress
 from util.errors import DataError
-from util.video import VideoReader, segment_video
+from util.video import FramesTooLarge, VideoReader, segment_video
 
 logger = logging.getLogger(__name__)
 KEEP_FINISHED = 4  # finished video jobs whose overlay stays downloadable
@@ -154,19 +154,15 @@ class VideoJobs:
 
     def open_checked(self, path: Path) -> VideoReader:
         try:
-            reader = VideoReader(path)
+            reader = VideoReader(path, max_pixels=self.max_pixels)
+        except FramesTooLarge as err:
+            raise Refused(413, str(err).split(": ", 1)[-1] + " (--max-pixels)") from None
         except DataError as err:  # its message starts "--video <path>: "; the client needs neither
             raise Refused(400, "the video upload: " + str(err).split(": ", 1)[-1]) from None
-        frames, pixels = reader.announced, reader.width * reader.height
-        problem = ""
-        if frames > self.max_frames:
-            problem = f"the video has {frames} frames; this server takes at most {self.max_frames} (--max-video-frames)"
-        elif pixels > self.max_pixels:
-            problem = (f"the video is {reader.width}x{reader.height} = {pixels} pixels a frame; this server takes "
-                       f"at most {self.max_pixels} (--max-pixels)")
-        if problem:
+        if reader.announced > self.max_frames:
             reader.close()
-            raise Refused(413, problem)
+            raise Refused(413, f"the video has {reader.announced} frames; this server takes at most {self.max_frames} "
+                               f"(--max-video-frames)")
         return reader
 
     def run(self, job: VideoJob, reader: VideoReader) -> None:
