@@ -136,7 +136,8 @@ def int8_plan(args: argparse.Namespace, cfg) -> dict:
         raise UserError(f"--min-agreement {args.min_agreement}: expected a share in (0, 1], e.g. 0.98")
     source = args.calibration or cfg.train_list
     option = "--calibration" if args.calibration else "--calibration (default DATA.train_list)"
-    calibration = evenly_spaced(list_images(Path(source), cfg.data_root, option, cfg.allow_unsafe_paths), args.calibration_images)
+    images = list_images(Path(source), cfg.data_root, option, cfg.allow_unsafe_paths)
+    calibration = evenly_spaced(images, args.calibration_images)
     check_list = args.check_list or cfg.test_list
     dataset = dataset_from_config(cfg, check_list, list_split(Path(check_list)))
     indices = held_out(dataset, calibration)

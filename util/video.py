@@ -117,11 +117,9 @@ class VideoReader:
                 raise DataError(f"{where}: a {container} file that OpenCV cannot decode: damaged, or its "
                                 "codec is missing from OpenCV's FFmpeg (convert it, e.g. ffmpeg -i in -c:v libx264 "
                                 "out.mp4)")
-            width, height = (int(self.capture.get(prop)) for prop in (cv2.CAP_PROP_FRAME_WIDTH, cv2.CAP_PROP_FRAME_HEIGHT))
-            if max_pixels and width * height > max_pixels:
-                self.capture.release()
-                raise FramesTooLarge(f"{where}: the video is {width}x{height} = {width * height} pixels a frame; "
-                                     f"at most {max_pixels}")
+            # From the header before decoding; a header that records no size is checked on the first frame.
+            self.refuse_larger_than(max_pixels, int(self.capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
+                                    int(self.capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))
             ok, self.first = self.capture.read()
         self.fourcc = fourcc_text(self.capture.get(cv2.CAP_PROP_FOURCC))
         if not ok:
@@ -129,6 +127,7 @@ class VideoReader:
             raise DataError(f"{where}: no frame could be decoded (codec {self.fourcc}): the file is damaged or "
                             f"OpenCV's FFmpeg lacks the codec")
         self.height, self.width = self.first.shape[:2]
+        self.refuse_larger_than(max_pixels, self.width, self.height)
         self.announced = max(int(self.capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0)  # 0: not recorded
         recorded, self.audio = probe(path)
         fps = self.capture.get(cv2.CAP_PROP_FPS)
@@ -137,6 +136,12 @@ class VideoReader:
         self.fps = float(self.rate)
         if not recorded and fps <= 0:
             logger.warning("%s records no frame rate; the overlay uses %g frames/s", path, DEFAULT_FPS)
+
+    def refuse_larger_than(self, max_pixels: int, width: int, height: int) -> None:
+        if max_pixels and width * height > max_pixels:
+            self.capture.release()
+            raise FramesTooLarge(f"--video {self.path}: the video is {width}x{height} = {width * height} pixels a "
+                                 f"frame; at most {max_pixels}")
 
     def __iter__(self) -> Iterator[np.ndarray]:
         yield self.first
